@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts: where results go and what machine made them."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_result(name: str, data: dict[str, Any], summary_lines: list[str]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    (RESULTS / f"{name}.md").write_text("\n".join(summary_lines) + "\n")
+    print("\n".join(summary_lines))
+    print(f"→ {path}")
+    return path

@@ -1,0 +1,90 @@
+"""Judge an encoder: linear probe and kNN on frozen features, clean accuracy and (with a trigger) ASR."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from encoder_guard.data import ImageDataset
+from encoder_guard.encoders import Encoder
+from downstream.features import cached_features
+from downstream.knn import knn_predict
+from downstream.linear import fit_linear_probe
+from downstream.metrics import accuracy, attack_success_rate, robust_accuracy
+
+
+@dataclass
+class EvalConfig:
+    """Protocol knobs (defaults: DESIGN.md's definitions)."""
+
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    probe_weight_decay: float = 1e-4
+    probe_max_iter: int = 500
+    seed: int = 0
+    cache: bool = True
+    device: str = "cpu"
+
+
+def evaluate_encoder(
+    encoder: Encoder,
+    train: ImageDataset,
+    test: ImageDataset,
+    cfg: EvalConfig | None = None,
+    trigger: Callable[[Tensor], Tensor] | None = None,
+    trigger_key: str | None = None,
+    target: int | None = None,
+) -> dict[str, Any]:
+    """CA of a linear probe and kNN trained on ``train`` features, measured on ``test``.
+
+    With ``trigger`` (a function on ``[0, 1]`` image batches) and ``target``, also ASR and RA of both
+    classifiers on the triggered test set (non-target images only).
+    """
+    cfg = cfg or EvalConfig()
+    if train.channels != encoder.spec.in_chans:
+        from encoder_guard.errors import EncoderGuardError
+
+        raise EncoderGuardError(
+            f"the encoder takes {encoder.spec.in_chans}-channel images but {train.name} has {train.channels}; "
+            "evaluate on a dataset with matching channels"
+        )
+    t0 = time.perf_counter()
+    digest = encoder.digest() if cfg.cache else None
+    f_train = cached_features(encoder, train, cache=cfg.cache, device=cfg.device, digest=digest)
+    f_test = cached_features(encoder, test, cache=cfg.cache, device=cfg.device, digest=digest)
+    n_cls = max(train.num_classes, int(train.labels.max()) + 1)
+    probe = fit_linear_probe(f_train, train.labels, n_cls, cfg.probe_weight_decay, cfg.probe_max_iter, cfg.seed)
+    pred_lin = probe.predict(f_test)
+    pred_knn = knn_predict(f_train, train.labels, f_test, n_cls, cfg.knn_k, cfg.knn_temperature)
+    out: dict[str, Any] = {
+        "ca_linear": accuracy(pred_lin, test.labels),
+        "ca_knn": accuracy(pred_knn, test.labels),
+        "train_size": len(train),
+        "test_size": len(test),
+        "train_dataset": train.describe(),
+        "test_dataset": test.describe(),
+        "protocol": {"knn_k": cfg.knn_k, "knn_temperature": cfg.knn_temperature,
+                     "probe": "linear, standardised features, L-BFGS", "probe_weight_decay": cfg.probe_weight_decay,
+                     "seed": cfg.seed},
+        "encoder_digest": digest or encoder.digest(),
+    }
+    if trigger is not None:
+        if target is None:
+            raise ValueError("a trigger needs a target class for ASR")
+        f_trig = cached_features(encoder, test, trigger_key or repr(trigger), trigger, cache=cfg.cache,
+                                 device=cfg.device, digest=digest)
+        trig_lin = probe.predict(f_trig)
+        trig_knn = knn_predict(f_train, train.labels, f_trig, n_cls, cfg.knn_k, cfg.knn_temperature)
+        out.update(
+            target=int(target),
+            asr_linear=attack_success_rate(trig_lin, test.labels, target),
+            asr_knn=attack_success_rate(trig_knn, test.labels, target),
+            ra_linear=robust_accuracy(trig_lin, test.labels, target),
+            ra_knn=robust_accuracy(trig_knn, test.labels, target),
+        )
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,39 @@
+"""Metrics of backdoor evaluation, as fractions in ``[0, 1]``.
+
+- CA: accuracy on the clean test set.
+- ASR: share of triggered test images whose true class is not the target that are classified as the
+  target (MIMIC's code also counts target-class images; we do not).
+- RA: robust accuracy, share of triggered non-target images classified as their true class
+  (BackdoorBench ``utils/metric.py``).
+- DER: defense effectiveness rating, ``(max(0, ΔASR) - max(0, ΔCA) + 1) / 2`` (BackdoorBench).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def accuracy(pred: Tensor, labels: Tensor) -> float:
+    """Share of ``pred == labels`` (``(N,)`` each)."""
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty set")
+    return float((pred == labels).float().mean())
+
+
+def attack_success_rate(pred_triggered: Tensor, labels: Tensor, target: int) -> float:
+    """Share of non-target-class samples whose triggered prediction is ``target``."""
+    keep = labels != target
+    if not bool(keep.any()):
+        raise ValueError(f"every test label is the target {target}: ASR is undefined")
+    return float((pred_triggered[keep] == target).float().mean())
+
+
+def robust_accuracy(pred_triggered: Tensor, labels: Tensor, target: int) -> float:
+    """Share of non-target-class samples still classified as their true class under the trigger."""
+    keep = labels != target
+    return float((pred_triggered[keep] == labels[keep]).float().mean())
+
+
+def defense_effectiveness_rating(ca_bd: float, asr_bd: float, ca_def: float, asr_def: float) -> float:
+    """BackdoorBench's DER in ``[0, 1]`` (0.5: no change; 1: ASR removed at no CA cost)."""
+    return (max(0.0, asr_bd - asr_def) - max(0.0, ca_bd - ca_def) + 1) / 2

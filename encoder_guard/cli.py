@@ -1,0 +1,167 @@
+"""The ``encoder-guard`` command: a thin layer over the library.
+
+Every command writes ``RUN/config.yaml`` and ``RUN/log.txt``, and exits non-zero with a one-line
+reason on bad input (see DESIGN.md, "CLI contract").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.registry import Registry
+
+COMMANDS: Registry[Callable[[argparse.Namespace], int]] = Registry("command")
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="checkpoint: ours (.safetensors), BadEncoder, solo-learn, lightly, torchvision")
+    p.add_argument("--format", default="auto", help="checkpoint format (default: detect)")
+
+
+def _load_encoder(args: argparse.Namespace):
+    from encoder_guard.encoders import load_encoder
+
+    return load_encoder(args.encoder, format=args.format)
+
+
+# ----------------------------------------------------------------------------------------------- pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from encoder_guard.config import load_config
+    from pretrain import pretrain
+
+    cfg = load_config(args.config, "pretrain", args.set)
+    if args.resume and (Path(args.out) / "config.yaml").is_file() and not args.set:
+        from encoder_guard.config import load_yaml
+
+        cfg = load_yaml(Path(args.out) / "config.yaml")
+    summary = pretrain(cfg, args.out, resume=args.resume)
+    print(f"encoder: {Path(args.out) / 'encoder.safetensors'}  final loss {summary['final_loss']:.4f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_config(args: argparse.Namespace) -> dict[str, Any]:
+    from encoder_guard.config import apply_overrides
+
+    base = {"encoder": str(args.encoder), "format": args.format, "dataset": args.dataset, "data_root": args.data_root,
+            "train_split": "train", "test_split": "test", "train_fraction": None, "train_count": None,
+            "knn_k": 200, "knn_temperature": 0.1, "probe_weight_decay": 1e-4, "seed": 0, "cache": True}
+    return apply_overrides(base, args.set)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from downstream import EvalConfig, evaluate_encoder
+    from encoder_guard.adapt import adapt_dataset
+    from encoder_guard.data import load_dataset, take_subset
+    from encoder_guard.runs import RunDir
+
+    cfg = evaluate_config(args)
+    run = RunDir(args.out, cfg)
+    enc = _load_encoder(args)
+    train = load_dataset(cfg["dataset"], cfg["train_split"], cfg["data_root"])
+    test = load_dataset(cfg["dataset"], cfg["test_split"], cfg["data_root"])
+    if cfg["train_fraction"] is not None or cfg["train_count"] is not None:
+        train = take_subset(train, cfg["train_fraction"], cfg["train_count"], True, int(cfg["seed"]))
+    train, notes = adapt_dataset(train, enc.spec)
+    test, _ = adapt_dataset(test, enc.spec)
+    if notes:
+        run.logger.info(f"adapted {cfg['dataset']} to the encoder: {', '.join(notes)}")
+    ecfg = EvalConfig(knn_k=int(cfg["knn_k"]), knn_temperature=float(cfg["knn_temperature"]),
+                      probe_weight_decay=float(cfg["probe_weight_decay"]), seed=int(cfg["seed"]), cache=bool(cfg["cache"]))
+    metrics = evaluate_encoder(enc, train, test, ecfg)
+    metrics["encoder"] = str(args.encoder)
+    metrics["adapted"] = notes
+    run.write_json("metrics.json", metrics)
+    run.logger.info(f"CA linear {metrics['ca_linear']:.2%}  CA kNN {metrics['ca_knn']:.2%}  → {run.file('metrics.json')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    enc = _load_encoder(args)
+    spec = json.loads(enc.spec.to_json())
+    spec["parameters"] = sum(p.numel() for p in enc.parameters())
+    spec["digest"] = enc.digest()
+    spec["taps"] = [{k: v for k, v in t.items()} for t in enc.feature_info]
+    if args.json:
+        print(json.dumps(spec, indent=2))
+        return 0
+    width = max(len(k) for k in spec)
+    for k, v in spec.items():
+        if k == "taps":
+            v = ", ".join(f"{t['name']}:{t['num_chs']}ch/{t['reduction']:g}x" for t in v)
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from encoder_guard.demo import run_demo
+
+    return run_demo(Path(args.out), epochs=args.epochs, resume=args.resume)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encoder-guard", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("pretrain", help="train a SimCLR/BYOL encoder from a preset")
+    sp.add_argument("--config", required=True, help="preset name (fmnist-tiny, ...) or YAML path")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("evaluate", help="linear probe and kNN on frozen features: CA (and ASR)")
+    _add_encoder_args(sp)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--data-root", default=None)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("info", help="show a checkpoint's spec")
+    sp.add_argument("encoder")
+    sp.add_argument("--format", default="auto")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_info)
+
+    sp = sub.add_parser("demo", help="the whole loop on Fashion-MNIST, with a short schedule")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the demo's short schedule)")
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EncoderGuardError as exc:
+        print(f"encoder-guard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("encoder-guard: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

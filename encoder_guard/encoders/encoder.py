@@ -1,0 +1,122 @@
+"""The :class:`Encoder`: images in ``[0, 1]`` → ``(B, D)`` features, with named stage taps.
+
+Every defense talks to this one interface (``forward``, ``forward_features``, ``forward_intermediates``,
+``feature_info``), so none of them branches on the architecture or slices ``children()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from encoder_guard.encoders.backbones import build_backbone
+from encoder_guard.encoders.spec import EncoderSpec
+
+TAP_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+class Encoder(nn.Module):
+    """A backbone with its normalisation inside and global average pooling on top.
+
+    Args:
+        spec: what to build (see :class:`EncoderSpec`).
+
+    Inputs are float images ``(B, C, H, W)`` in ``[0, 1]`` (triggers are applied there, before
+    normalisation); outputs are pooled features ``(B, spec.feature_dim)``.
+
+    >>> from encoder_guard.encoders import make_spec
+    >>> enc = Encoder(make_spec("resnet10-tiny"))
+    >>> enc(torch.rand(2, 1, 28, 28)).shape
+    torch.Size([2, 128])
+    """
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = build_backbone(spec)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        self._feature_info: list[dict] | None = None
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim
+
+    def normalize(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.spec.in_chans:
+            raise ValueError(f"encoder takes {self.spec.in_chans}-channel images, got {x.shape[1]} channels")
+        return (x - self.mean) / self.std
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last stage's map ``(B, C, h, w)``."""
+        return self.backbone.forward_features(self.normalize(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled features ``(B, D)``."""
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    def forward_intermediates(
+        self, x: Tensor, indices: Sequence[int | str] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Pooled features and the chosen stage maps.
+
+        Args:
+            x: ``(B, C, H, W)`` images in ``[0, 1]``.
+            indices: taps by index into :data:`TAP_NAMES` (0 = stem … 4 = layer4) or by name; all if ``None``.
+
+        Returns:
+            ``(features (B, D), [maps (B, C_i, H_i, W_i)])`` in the order of ``indices``.
+        """
+        idx = self.tap_indices(indices)
+        order = sorted(set(idx))
+        final, maps = self.backbone.forward_intermediates(self.normalize(x), indices=order)
+        by_index = dict(zip(order, maps))
+        return final.mean(dim=(2, 3)), [by_index[i] for i in idx]
+
+    @staticmethod
+    def tap_indices(indices: Sequence[int | str] | None) -> list[int]:
+        if indices is None:
+            return list(range(len(TAP_NAMES)))
+        out = []
+        for i in indices:
+            if isinstance(i, str):
+                if i not in TAP_NAMES:
+                    raise ValueError(f"unknown tap {i!r}; taps are {', '.join(TAP_NAMES)}")
+                out.append(TAP_NAMES.index(i))
+            else:
+                if not -len(TAP_NAMES) <= i < len(TAP_NAMES):
+                    raise ValueError(f"tap index {i} out of range 0..{len(TAP_NAMES) - 1}")
+                out.append(i % len(TAP_NAMES))
+        return out
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Per tap: ``name``, ``module``, ``num_chs`` and ``reduction`` (measured on a dummy input)."""
+        if self._feature_info is None:
+            s = self.spec.input_size
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                _, maps = self.forward_intermediates(torch.zeros(1, self.spec.in_chans, s, s))
+            self.train(was_training)
+            modules = ("act1", "layer1", "layer2", "layer3", "layer4")
+            self._feature_info = [
+                {"name": n, "module": m, "num_chs": int(f.shape[1]), "reduction": s / f.shape[-1]}
+                for n, m, f in zip(TAP_NAMES, modules, maps)
+            ]
+        return self._feature_info
+
+    def digest(self) -> str:
+        """A short content hash of weights and spec (keys feature caches; equal weights → equal digest)."""
+        h = hashlib.sha256(self.spec.to_json().encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"layers={s.layers}, widths={s.widths}, in_chans={s.in_chans}, input_size={s.input_size}, dim={s.feature_dim}"

@@ -1,0 +1,348 @@
+"""Encoders from other projects' checkpoints: one registry of formats, one entry point.
+
+Each format knows how to recognise its files and how to rename their keys to torchvision's ResNet names
+(which timm shares), and what stem and normalisation its project used. The architecture (block type,
+stages, widths, channels, stem kernel) is always read from the weights; what the weights cannot tell
+(stem padding, max-pool, normalisation) comes from the format's convention or the config beside the file,
+and the user can override any of it.
+
+Layouts (see DESIGN.md): BadEncoder/MIMIC/DECREE ``{'state_dict': {'f.f.<i>...', 'g...'}}``; solo-learn
+Lightning ``.ckpt`` with ``backbone.`` (older ``encoder.``) keys and ``args.json`` beside it, CIFAR stem
+3×3/stride 1/**padding 2**; lightly ``backbone.`` keys, named or the tutorials' ``nn.Sequential`` indices;
+plain torchvision/timm state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from encoder_guard.encoders.checkpoint import SPEC_KEY, load_own, load_state_into, read_weights
+from encoder_guard.encoders.encoder import Encoder
+from encoder_guard.encoders.spec import CIFAR_MEAN, CIFAR_STD, FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from encoder_guard.errors import CheckpointError
+from encoder_guard.registry import Registry
+
+SOLO_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+SOLO_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Converted:
+    """A checkpoint in our terms: torchvision-named backbone weights and what the format says of the stem."""
+
+    state: dict[str, Tensor]
+    spec_hints: dict[str, Any]
+
+
+@dataclass
+class Format:
+    name: str
+    detect: Callable[[dict[str, Tensor], dict[str, Any], Path], bool]
+    convert: Callable[[dict[str, Tensor], dict[str, Any], Path], Converted]
+
+
+FORMATS: Registry[Format] = Registry("checkpoint format")
+
+
+def register_format(name: str) -> Callable[[type], type]:
+    def add(cls: type) -> type:
+        FORMATS.register(name)(Format(name, cls.detect, cls.convert))
+        return cls
+
+    return add
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def unwrap(payload: Any, path: Path) -> dict[str, Tensor]:
+    """The tensor dict inside a checkpoint (``state_dict``/``model``/``encoder`` wrappers, DDP ``module.``)."""
+    obj = payload
+    for key in ("state_dict", "model", "encoder", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds no state dict (found {type(obj).__name__}); save model.state_dict()")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors under its keys {list(obj)[:5]}; it is not an encoder checkpoint")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def sequential_to_named(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+    """Map ``nn.Sequential(*resnet.children()...)`` index keys to torchvision names.
+
+    The roles are read from the tensors: the first 4-D weight without sub-modules is ``conv1``, the
+    first norm ``bn1``, and modules holding ``<j>.conv1`` blocks are ``layer1``…``layer4`` in order.
+    Returns the renamed state and whether a max-pool sits between ``bn1`` and ``layer1`` (two
+    parameter-free children, ReLU and MaxPool, as in torchvision; BadEncoder drops the max-pool).
+    """
+    groups: dict[int, dict[str, Tensor]] = {}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if not head.isdigit():
+            raise CheckpointError(f"expected nn.Sequential index keys, found {k!r}")
+        groups.setdefault(int(head), {})[rest] = v
+    names: dict[int, str] = {}
+    layer_ids = [i for i, g in sorted(groups.items()) if any(re.match(r"\d+\.conv1\.weight$", r) for r in g)]
+    for n, i in enumerate(layer_ids, start=1):
+        names[i] = f"layer{n}"
+    rest_ids = [i for i in sorted(groups) if i not in names]
+    conv = [i for i in rest_ids if "weight" in groups[i] and groups[i]["weight"].ndim == 4]
+    norm = [i for i in rest_ids if "running_mean" in groups[i]]
+    if not conv or not norm or not layer_ids:
+        raise CheckpointError("the sequential backbone has no conv1/bn1/layer structure; it is not a ResNet")
+    names[conv[0]], names[norm[0]] = "conv1", "bn1"
+    leftovers = [i for i in rest_ids if i not in (conv[0], norm[0])]
+    if leftovers:
+        raise CheckpointError(f"sequential backbone has parameters at indices {leftovers} that are not part of a ResNet")
+    has_pool = layer_ids[0] - norm[0] >= 3
+    out = {f"{names[i]}.{rest}": v for i, g in groups.items() for rest, v in g.items()}
+    return out, has_pool
+
+
+def torchvision_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop classifier heads and rename lightly's ``shortcut`` to torchvision's ``downsample``."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(("fc.", "linear.", "classifier.", "head.")):
+            continue
+        out[k.replace(".shortcut.", ".downsample.")] = v
+    return out
+
+
+def infer_architecture(state: dict[str, Tensor], source: str) -> dict[str, Any]:
+    """Block type, stages, widths, channels and stem kernel, read from torchvision-named weights."""
+    if "conv1.weight" not in state or state["conv1.weight"].ndim != 4:
+        raise CheckpointError(f"{source}: no ResNet stem (conv1.weight) among keys such as {', '.join(list(state)[:4])}")
+    stem = state["conv1.weight"]
+    layers, widths = [], []
+    for n in range(1, 5):
+        blocks = {int(m.group(1)) for k in state if (m := re.match(rf"layer{n}\.(\d+)\.conv1\.weight$", k))}
+        if not blocks:
+            raise CheckpointError(f"{source}: no layer{n} blocks; only 4-stage ResNets are supported")
+        layers.append(max(blocks) + 1)
+        widths.append(int(state[f"layer{n}.0.conv1.weight"].shape[0]))
+    return {
+        "block": "bottleneck" if "layer1.0.conv3.weight" in state else "basic",
+        "layers": tuple(layers),
+        "widths": tuple(widths),
+        "stem_width": int(stem.shape[0]),
+        "in_chans": int(stem.shape[1]),
+        "stem_kernel": int(stem.shape[-1]),
+    }
+
+
+def default_hints(arch: dict[str, Any]) -> dict[str, Any]:
+    """Conventions when nothing else is known: 3×3 stems are CIFAR style, 7×7 ImageNet style."""
+    k = arch["stem_kernel"]
+    small = k <= 3
+    hints: dict[str, Any] = {
+        "stem_stride": 1 if small else 2,
+        "stem_padding": k // 2,
+        "stem_pool": not small,
+        "input_size": 32 if small else 224,
+    }
+    c = arch["in_chans"]
+    if c == 1:
+        hints.update(mean=FMNIST_MEAN, std=FMNIST_STD)
+    elif c == 3:
+        hints.update(mean=CIFAR_MEAN if small else IMAGENET_MEAN, std=CIFAR_STD if small else IMAGENET_STD)
+    else:
+        hints.update(mean=(0.5,) * c, std=(0.5,) * c)
+    return hints
+
+
+def _keys(state: dict[str, Tensor]) -> set[str]:
+    return set(state)
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+@register_format("badencoder")
+class BadEncoderFormat:
+    """BadEncoder / MIMIC / DECREE SimCLR checkpoints: backbone as ``f.f.<index>``, head as ``g``.
+
+    - [0] BadEncoder, Jia et al., IEEE S&P 2022, https://arxiv.org/abs/2108.00352
+    """
+
+    @staticmethod
+    def detect(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> bool:
+        return any(k.startswith(("f.f.", "visual.")) for k in state)
+
+    @staticmethod
+    def convert(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> Converted:
+        if any(k.startswith("visual.") for k in state):
+            raise CheckpointError(
+                f"{path} is a CLIP image encoder (visual.* keys); CLIP's ModifiedResNet is not supported yet, "
+                "only ResNet SimCLR encoders"
+            )
+        named, has_pool = sequential_to_named(strip_prefix(state, "f.f."))
+        named = torchvision_names(named)
+        hints = default_hints(infer_architecture(named, str(path)))
+        hints.update(stem_pool=has_pool, ssl_method="simclr")
+        return Converted(named, hints)
+
+
+def _solo_args(path: Path) -> dict[str, Any] | None:
+    for candidate in (path.with_name("args.json"), path.parent / "args.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{candidate} beside the checkpoint is not valid JSON ({exc})") from exc
+    return None
+
+
+@register_format("solo-learn")
+class SoloLearnFormat:
+    """solo-learn Lightning checkpoints: ``backbone.`` (older ``encoder.``) keys, ``projector.``, ``classifier.``.
+
+    Its CIFAR ResNet stem is 3×3, stride 1, **padding 2**, max-pool removed (``solo/methods/base.py``);
+    the dataset and normalisation are read from ``args.json`` beside the file when present.
+
+    - [0] solo-learn, da Costa et al., JMLR 2022, https://jmlr.org/papers/v23/21-1155.html
+    """
+
+    @staticmethod
+    def _prefix(state: dict[str, Tensor]) -> str | None:
+        for p in ("backbone.", "encoder."):
+            if f"{p}conv1.weight" in state:
+                return p
+        return None
+
+    @staticmethod
+    def detect(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> bool:
+        if SoloLearnFormat._prefix(state) is None:
+            return False
+        solo_keys = any(k.startswith(("projector.", "classifier.", "momentum_backbone.")) for k in state)
+        return solo_keys or _solo_args(path) is not None
+
+    @staticmethod
+    def convert(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> Converted:
+        prefix = SoloLearnFormat._prefix(state)
+        assert prefix is not None
+        named = torchvision_names(strip_prefix(state, prefix))
+        arch = infer_architecture(named, str(path))
+        hints = default_hints(arch)
+        args = _solo_args(path) or {}
+        dataset = str((args.get("data") or {}).get("dataset", args.get("dataset", ""))).lower()
+        method = args.get("method")
+        if arch["stem_kernel"] == 3:
+            hints.update(stem_stride=1, stem_padding=2, stem_pool=False, input_size=32)
+        if dataset.startswith("cifar"):
+            hints.update(mean=SOLO_CIFAR_MEAN, std=SOLO_CIFAR_STD)
+        crop = ((args.get("augmentations") or [{}])[0] or {}).get("crop_size") if isinstance(args.get("augmentations"), list) else None
+        if crop:
+            hints["input_size"] = int(crop)
+        hints["ssl_method"] = method
+        hints["provenance_extra"] = {"dataset": dataset or None, "args_json": bool(args)}
+        return Converted(named, hints)
+
+
+@register_format("lightly")
+class LightlyFormat:
+    """lightly checkpoints: ``backbone.`` keys, named or ``nn.Sequential`` indices, ``projection_head.``.
+
+    lightly's transforms normalise with ImageNet statistics by default, so that is the default here.
+
+    - [0] lightly, https://github.com/lightly-ai/lightly
+    """
+
+    @staticmethod
+    def detect(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> bool:
+        return any(re.match(r"backbone\.\d+\.", k) for k in state) or (
+            "backbone.conv1.weight" in state and any(k.startswith("projection_head.") for k in state)
+        )
+
+    @staticmethod
+    def convert(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> Converted:
+        backbone = strip_prefix(state, "backbone.")
+        has_pool = None
+        if any(re.match(r"\d+\.", k) for k in backbone):
+            backbone, has_pool = sequential_to_named(backbone)
+        named = torchvision_names(backbone)
+        arch = infer_architecture(named, str(path))
+        hints = default_hints(arch)
+        if has_pool is not None:
+            hints["stem_pool"] = has_pool
+        if arch["in_chans"] == 3:
+            hints.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return Converted(named, hints)
+
+
+@register_format("torchvision")
+class TorchvisionFormat:
+    """Plain torchvision or timm ResNet state dicts (``conv1.weight``, ``layer1.0.conv1.weight``, ``fc``)."""
+
+    @staticmethod
+    def detect(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> bool:
+        return "conv1.weight" in state and "layer1.0.conv1.weight" in state
+
+    @staticmethod
+    def convert(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> Converted:
+        named = torchvision_names(state)
+        return Converted(named, default_hints(infer_architecture(named, str(path))))
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def load_encoder(path: str | Path, format: str = "auto", **overrides: Any) -> Encoder:
+    """Load any supported checkpoint as an :class:`Encoder`, safely.
+
+    Args:
+        path: our ``.safetensors``, a run directory, or another project's checkpoint.
+        format: ``auto`` or one of :data:`FORMATS` (``badencoder``, ``solo-learn``, ``lightly``, ``torchvision``).
+        overrides: spec fields that replace what the file or its format says (``stem_padding=2``,
+            ``mean=(...)``, ``input_size=96``...); ``None`` values are ignored.
+
+    Raises:
+        CheckpointError: with the reason and the fix.
+    """
+    path = Path(path).expanduser()
+    payload, meta = read_weights(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if SPEC_KEY in meta and format in ("auto", "encoder-guard"):
+        enc = load_own(payload, meta, str(path))
+        if overrides:
+            spec = replace(enc.spec, **overrides)
+            enc = load_state_into(Encoder(spec), enc.backbone.state_dict(), str(path))
+        return enc
+    if isinstance(payload, dict) and not any(isinstance(v, (Tensor, dict)) for v in payload.values()):
+        raise CheckpointError(f"{path} holds no weights; it is not an encoder checkpoint")
+    state = unwrap(payload, path)
+    if format == "auto":
+        fmt = next((FORMATS.get(n) for n in FORMATS.names() if FORMATS.get(n).detect(state, payload, path)), None)
+        if fmt is None:
+            raise CheckpointError(
+                f"{path}: unrecognised checkpoint layout (keys such as {', '.join(list(state)[:4])}); "
+                f"pass --format with one of {', '.join(FORMATS.names())}"
+            )
+    else:
+        fmt = FORMATS.get(format)
+    conv = fmt.convert(state, payload, path)
+    arch = infer_architecture(conv.state, str(path))
+    hints = dict(conv.spec_hints)
+    extra = hints.pop("provenance_extra", {})
+    ssl_method = hints.pop("ssl_method", None)
+    fields = {**arch, **hints, **overrides}
+    fields.setdefault("ssl_method", ssl_method)
+    fields["provenance"] = {"format": fmt.name, "source": str(path), **{k: v for k, v in extra.items() if v is not None}}
+    spec = EncoderSpec(**fields)
+    return load_state_into(Encoder(spec), conv.state, f"{path} ({fmt.name} format)")

@@ -1,0 +1,24 @@
+"""Shared fixtures: a private feature cache per test session, tiny configs, fixed threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from encoder_guard.config import load_config
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCODER_GUARD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def tiny_cfg() -> dict:
+    """fmnist-tiny shrunk to seconds: synthetic 16×16 data, batch 64, 2 epochs."""
+    return load_config("fmnist-tiny", "pretrain", [
+        "data.dataset=synthetic", "optim.batch_size=64", "optim.epochs=2", "optim.warmup_epochs=0.5",
+        "train.threads=1",
+    ])

@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from encoder_guard.config import apply_overrides
+from encoder_guard.encoders import load_encoder
+from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from pretrain import pretrain
+import pretrain.trainer as trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_encoder(path / "encoder.safetensors").state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5), k
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_pretrain_writes_a_run_directory(tmp_path, tiny_cfg, method):
+    cfg = dict(tiny_cfg, method={"name": "byol", "proj_hidden_dim": 64, "pred_hidden_dim": 64} if method == "byol" else tiny_cfg["method"])
+    summary = pretrain(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "log.txt", "metrics.json", "encoder.safetensors", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == summary["steps"] == 2 * (512 // 64)
+    assert len(metrics["history"]) == 2
+    enc = load_encoder(run / "encoder.safetensors")
+    assert enc.spec.ssl_method == method and enc.spec.in_chans == 1 and enc.spec.input_size == 16
+
+
+def test_same_seed_same_weights(tmp_path, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["optim.epochs=1"])
+    pretrain(cfg, tmp_path / "a")
+    pretrain(cfg, tmp_path / "b")
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_cfg, monkeypatch):
+    pretrain(tiny_cfg, tmp_path / "full")
+    calls = {"n": 0}
+    real = trainer.augment
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 11 + 1:  # during step 12 of 16 (two views per step)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "augment", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_cfg, tmp_path / "cut")
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 3, 11)
+    monkeypatch.setattr(trainer, "augment", real)
+    pretrain(tiny_cfg, tmp_path / "cut", resume=True)
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+def test_sigkill_then_resume_from_epoch_checkpoint(tmp_path):
+    """A real kill (no chance to save) loses at most the current epoch; resuming gives the same weights."""
+    sets = ["data.dataset=synthetic", "optim.batch_size=32", "optim.epochs=3", "train.threads=1"]
+    args = [sys.executable, "-m", "encoder_guard.cli", "pretrain", "--config", "fmnist-tiny"]
+    for s in sets:
+        args += ["--set", s]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "cut")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    assert not (tmp_path / "cut" / "encoder.safetensors").exists()
+    res = subprocess.run(args + ["--out", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_weights(tmp_path / "ref", tmp_path / "cut")
+
+
+def test_nan_loss_stops_with_reason_and_keeps_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    pretrain(apply_overrides(tiny_cfg, ["optim.epochs=1"]), tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    from pretrain.methods.simclr import SimCLR
+
+    monkeypatch.setattr(SimCLR, "loss", lambda self, views: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingDivergedError, match="lower optim.lr"):
+        pretrain(tiny_cfg, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["optim.epochs=1"])
+    pretrain(cfg, tmp_path / "run")
+    with pytest.raises(EncoderGuardError, match="--resume"):
+        pretrain(cfg, tmp_path / "run")
+    with pytest.raises(EncoderGuardError, match="nothing to resume"):
+        pretrain(cfg, tmp_path / "other", resume=True)
+
+
+def test_bad_method_options_are_named(tmp_path, tiny_cfg):
+    cfg = apply_overrides(tiny_cfg, ["method.temprature=0.1"])
+    with pytest.raises(EncoderGuardError, match="temprature.*temperature"):
+        pretrain(cfg, tmp_path / "run")
+    cfg = apply_overrides(tiny_cfg, ["optim.batch_size=100000"])
+    with pytest.raises(EncoderGuardError, match="smaller than one batch"):
+        pretrain(cfg, tmp_path / "run2")
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes on synthetic data; only rank 0 writes."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+            "-m", "encoder_guard.cli", "pretrain", "--config", "fmnist-tiny", "--out", str(tmp_path / "ddp"),
+            "--set", "data.dataset=synthetic", "--set", "optim.batch_size=64", "--set", "optim.epochs=1",
+            "--set", "train.threads=1", "--set", "train.sync_bn=true"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 512 // 64
+    assert load_encoder(tmp_path / "ddp" / "encoder.safetensors").spec.ssl_method == "simclr"
