@@ -42,6 +42,19 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value as YAML, with ``1e-3`` read as a number (YAML 1.1 wants ``1.0e-3``)."""
+    if raw == "":
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(cfg: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a copy of ``cfg``.
 
@@ -53,7 +66,7 @@ def apply_overrides(cfg: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
         if "=" not in item:
             raise EncoderGuardError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = parse_value(raw)
         parts = key.strip().split(".")
         node = out
         for depth, part in enumerate(parts[:-1]):

@@ -185,8 +185,10 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
 
     model: torch.nn.Module = method
     if info.world > 1:
-        if train_cfg.get("sync_bn"):
+        if train_cfg.get("sync_bn") and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif train_cfg.get("sync_bn"):
+            log.warning("train.sync_bn ignored: PyTorch's SyncBatchNorm runs on GPUs only; each CPU process keeps its own BatchNorm statistics")
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     images = ds.images.to(device) if device.type == "cuda" else ds.images
