@@ -7,7 +7,7 @@ import torch
 
 from encoder_guard.config import load_config
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes the 2 cores
 
 
 @pytest.fixture(autouse=True)

@@ -71,7 +71,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str
             return load_file(str(path)), meta
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is corrupt or truncated") from exc
-    if not (zipfile.is_zipfile(path) or head[:2] == b"\x80\x02"):
+    # a torch zip starts with a local file header even when truncated (is_zipfile needs the end record)
+    if not (zipfile.is_zipfile(path) or head[:4] == b"PK\x03\x04" or head[:2] == b"\x80\x02"):
         raise CheckpointError(f"{path} is not a checkpoint (neither safetensors nor a torch.save file)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}

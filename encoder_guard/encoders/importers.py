@@ -110,6 +110,11 @@ def sequential_to_named(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], bo
     leftovers = [i for i in rest_ids if i not in (conv[0], norm[0])]
     if leftovers:
         raise CheckpointError(f"sequential backbone has parameters at indices {leftovers} that are not part of a ResNet")
+    if layer_ids[0] - norm[0] < 2:  # e.g. lightly's ResNetGenerator, whose stem ReLU is functional
+        raise CheckpointError(
+            "the sequential backbone has no ReLU between bn1 and layer1 (as lightly's ResNetGenerator children); "
+            "it was trained without it and our ResNet always applies it, so the features would differ: not supported yet"
+        )
     has_pool = layer_ids[0] - norm[0] >= 3
     out = {f"{names[i]}.{rest}": v for i, g in groups.items() for rest, v in g.items()}
     return out, has_pool
@@ -192,7 +197,10 @@ class BadEncoderFormat:
                 f"{path} is a CLIP image encoder (visual.* keys); CLIP's ModifiedResNet is not supported yet, "
                 "only ResNet SimCLR encoders"
             )
-        named, has_pool = sequential_to_named(strip_prefix(state, "f.f."))
+        backbone = strip_prefix(state, "f.f.")
+        if not backbone:
+            raise CheckpointError(f"{path}: no BadEncoder backbone keys (f.f.*) among keys such as {', '.join(list(state)[:4])}")
+        named, has_pool = sequential_to_named(backbone)
         named = torchvision_names(named)
         hints = default_hints(infer_architecture(named, str(path)))
         hints.update(stem_pool=has_pool, ssl_method="simclr")
