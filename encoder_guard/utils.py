@@ -30,3 +30,9 @@ def step_generator(seed: int, *keys: int, device: torch.device | str = "cpu") ->
     for k in keys:
         mixed = (mixed * 1_000_003 + int(k) + 0x9E3779B9) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(mixed)
+
+
+def seeded_choice(items: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` distinct entries of ``items`` chosen by ``seed`` (all of them if fewer)."""
+    g = torch.Generator().manual_seed(seed)
+    return items[torch.randperm(len(items), generator=g)[: min(count, len(items))]]

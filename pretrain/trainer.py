@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from encoder_guard.checkpointing import SaveOnInterrupt, check_run_dir, load_state, save_state
 from encoder_guard.data import ImageDataset, load_dataset, take_subset
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
 from encoder_guard.errors import CheckpointError, EncoderGuardError, TrainingDivergedError
@@ -89,42 +89,28 @@ def load_pretrain_data(cfg: dict[str, Any]) -> ImageDataset:
     return ds
 
 
+def apply_poison(cfg: dict[str, Any], ds: ImageDataset, run: RunDir) -> ImageDataset:
+    """Poisoned pretraining (SSL-Backdoor with a patch, CTRL with the frequency trigger): stamps the trigger
+    on ``poison.rate`` of the set, drawn from class ``poison.target``; writes the trigger and the
+    poisoned indices to the run directory so that evaluation uses exactly this trigger."""
+    from encoder_guard.attacks.poison import poison_pretraining
+    from encoder_guard.triggers import build_trigger, save_trigger
+
+    p = dict(cfg["poison"])
+    trigger_cfg = {k: v for k, v in p.items() if k not in ("rate", "target")}
+    trigger = build_trigger(trigger_cfg, ds.image_size, ds.channels)
+    poisoned = poison_pretraining(ds, trigger, int(p["target"]), float(p["rate"]), int(cfg["seed"]))
+    if run.writes:
+        save_trigger(trigger, run.file("trigger.safetensors"))
+        run.write_json("poison.json", {"kind": p["kind"], "target": int(p["target"]), "rate": float(p["rate"]),
+                                       "trigger": repr(trigger), **poisoned.report()})
+    run.logger.info(f"poisoned {len(poisoned.indices)} of {len(ds)} images of class {p['target']} with {trigger!r}")
+    return poisoned.dataset
+
+
 def _save_checkpoint(path: Path, model: SSLMethod, opt: torch.optim.Optimizer, epoch: int, step_in_epoch: int, step: int, history: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-         "step": step, "history": history},
-        tmp,
-    )
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a kill during the very first save leaves nothing usable
-        raise CheckpointError(f"cannot resume from {path} ({str(exc).splitlines()[0]}); delete it to start over") from exc
-
-
-class _Interrupt:
-    """Turns SIGTERM into KeyboardInterrupt so both save a checkpoint before leaving."""
-
-    def __enter__(self) -> "_Interrupt":
-        self.prev = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            self.prev = None
-        return self
-
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
+    save_state(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                      "step_in_epoch": step_in_epoch, "step": step, "history": history})
 
 
 def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, dataset: ImageDataset | None = None) -> dict[str, Any]:
@@ -138,10 +124,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
     info = init_distributed(train_cfg.get("device"))
     out = Path(out)
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise EncoderGuardError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise EncoderGuardError(f"nothing to resume: {ckpt_path} does not exist; run without --resume to start")
+    check_run_dir(out, ckpt_path, resume)
     run = RunDir(out, cfg)
     log = run.logger
     seed = int(cfg["seed"])
@@ -151,6 +134,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
     device = resolve_device(train_cfg.get("device", "auto"))
 
     ds = dataset if dataset is not None else load_pretrain_data(cfg)
+    ds = apply_poison(cfg, ds, run) if (cfg.get("poison") or {}).get("kind") not in (None, "none") else ds
     model_cfg = cfg["model"]
     spec = make_spec(model_cfg["backbone"], in_chans=ds.channels, input_size=ds.image_size,
                      ssl_method=cfg["method"]["name"],
@@ -174,7 +158,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
 
     start_epoch, start_i, step, history = 0, 0, 0, []
     if resume:
-        state = _load_checkpoint(ckpt_path)
+        state = load_state(ckpt_path)
         try:
             method.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -204,7 +188,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
     t_train, n_seen = 0.0, 0
     epoch, i = start_epoch, start_i
     try:
-        with _Interrupt():
+        with SaveOnInterrupt():
             for epoch in range(start_epoch, epochs):
                 method.train()
                 perm = torch.randperm(len(ds), generator=step_generator(seed, epoch))

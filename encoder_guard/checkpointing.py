@@ -1,0 +1,60 @@
+"""Resumable run state shared by pretraining, attacks and defenses.
+
+A run's state (model, optimiser, position) is written atomically with ``torch.save`` of tensors and plain
+containers only, and read back with ``torch.load(weights_only=True)``. SIGTERM is turned into
+``KeyboardInterrupt`` so a killed job (a scheduler's time limit, Ctrl-C) saves before it leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from encoder_guard.errors import CheckpointError
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a kill during the very first save leaves nothing usable
+        raise CheckpointError(f"cannot resume from {path} ({str(exc).splitlines()[0]}); delete it to start over") from exc
+
+
+class SaveOnInterrupt:
+    """Context manager: SIGTERM raises ``KeyboardInterrupt`` inside it, like Ctrl-C."""
+
+    def __enter__(self) -> "SaveOnInterrupt":
+        try:
+            self.prev = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            self.prev = None
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def check_run_dir(out: Path, checkpoint: Path, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one that does not exist."""
+    from encoder_guard.errors import EncoderGuardError
+
+    if checkpoint.exists() and not resume:
+        raise EncoderGuardError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not checkpoint.exists():
+        raise EncoderGuardError(f"nothing to resume: {checkpoint} does not exist; run without --resume to start")
