@@ -23,6 +23,8 @@ from encoder_guard.errors import DatasetNotFoundError
 DEFAULT_ROOT = Path.home() / ".cache" / "encoder_guard" / "data"
 
 GTSRB_CLASSES = [f"sign{i:02d}" for i in range(43)]
+# STL-10's class_names.txt; torchvision sets ``.classes`` only when that file exists (its md5 check skips it)
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 
 def _open(name: str, expected: str, build: Callable[[], object], root: Path) -> object:
@@ -59,7 +61,7 @@ def load_stl10(root: Path | None, split: str, image_size: int | None, download: 
     root = root or DEFAULT_ROOT
     ds = _open("STL-10", f"{root}/stl10_binary", lambda: STL10(str(root), split=split, download=download), root)
     images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already NCHW
-    return ImageDataset(images, torch.from_numpy(ds.labels.astype(np.int64)), list(ds.classes), "stl10", split)
+    return ImageDataset(images, torch.from_numpy(ds.labels.astype(np.int64)), list(getattr(ds, "classes", STL10_CLASSES)), "stl10", split)
 
 
 @DATASETS.register("svhn")
