@@ -16,8 +16,8 @@ from encoder_guard.errors import EncoderGuardError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# Sections whose keys are open: the method/defense class validates them by its own signature.
-OPEN_SECTIONS = ("method",)
+# Sections whose keys are open: the method class (method.*) or EncoderSpec (model.*) validates them.
+OPEN_SECTIONS = ("method", "model")
 
 
 def resolve_config_path(name_or_path: str | Path, family: str) -> Path:

@@ -10,12 +10,13 @@ stride-2 stem. Parameter names match torchvision's ResNet (``conv1``, ``bn1``, `
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any, Callable
 
 from torch import nn
 
 from encoder_guard.encoders.spec import CIFAR_MEAN, CIFAR_STD, FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from encoder_guard.errors import EncoderGuardError
 from encoder_guard.registry import Registry
 
 BACKBONES: Registry[Callable[[], EncoderSpec]] = Registry("backbone")
@@ -65,6 +66,9 @@ def make_spec(backbone: str, **overrides: Any) -> EncoderSpec:
         c = overrides["in_chans"]
         overrides["mean"] = (spec.mean * c)[:c] if len(spec.mean) == 1 else (sum(spec.mean) / len(spec.mean),) * c
         overrides["std"] = (spec.std * c)[:c] if len(spec.std) == 1 else (sum(spec.std) / len(spec.std),) * c
+    unknown = set(overrides) - {f.name for f in fields(EncoderSpec)}
+    if unknown:
+        raise EncoderGuardError(f"unknown encoder setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(f.name for f in fields(EncoderSpec))}")
     return replace(spec, **overrides, provenance=dict(spec.provenance, backbone=backbone))
 
 
