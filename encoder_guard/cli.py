@@ -78,11 +78,65 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run.logger.info(f"adapted {cfg['dataset']} to the encoder: {', '.join(notes)}")
     ecfg = EvalConfig(knn_k=int(cfg["knn_k"]), knn_temperature=float(cfg["knn_temperature"]),
                       probe_weight_decay=float(cfg["probe_weight_decay"]), seed=int(cfg["seed"]), cache=bool(cfg["cache"]))
-    metrics = evaluate_encoder(enc, train, test, ecfg)
-    metrics["encoder"] = str(args.encoder)
-    metrics["adapted"] = notes
+    trigger = None
+    if args.trigger:
+        from encoder_guard.triggers import load_trigger
+
+        if args.target is None:
+            raise EncoderGuardError("--trigger needs --target K (the attack's target class)")
+        if not 0 <= args.target < test.num_classes:
+            raise EncoderGuardError(f"--target {args.target} is not a class of {cfg['dataset']} (0..{test.num_classes - 1})")
+        trigger = load_trigger(args.trigger)
+    kw = dict(trigger=trigger, trigger_key=trigger.key() if trigger else None, target=args.target)
+    metrics = evaluate_encoder(enc, train, test, ecfg, **kw)
+    metrics.update(encoder=str(args.encoder), adapted=notes, trigger=str(args.trigger) if args.trigger else None)
+    summary = f"CA linear {metrics['ca_linear']:.2%}  CA kNN {metrics['ca_knn']:.2%}"
+    if trigger is not None:
+        summary += f"  ASR linear {metrics['asr_linear']:.2%}  ASR kNN {metrics['asr_knn']:.2%}"
+    if args.reference_encoder:
+        from encoder_guard.encoders import load_encoder
+
+        ref = load_encoder(args.reference_encoder)
+        ref_metrics = evaluate_encoder(ref, adapt_dataset(train, ref.spec)[0], adapt_dataset(test, ref.spec)[0], ecfg, **kw)
+        metrics["reference"] = {k: v for k, v in ref_metrics.items() if k.startswith(("ca_", "asr_", "ra_"))}
+        metrics["reference"]["encoder"] = str(args.reference_encoder)
+        if trigger is not None:
+            summary += f"  (reference encoder: ASR linear {ref_metrics['asr_linear']:.2%}, kNN {ref_metrics['asr_knn']:.2%})"
     run.write_json("metrics.json", metrics)
-    run.logger.info(f"CA linear {metrics['ca_linear']:.2%}  CA kNN {metrics['ca_knn']:.2%}  → {run.file('metrics.json')}")
+    run.logger.info(f"{summary}  → {run.file('metrics.json')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- attack
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from encoder_guard.attacks import ATTACKS
+    from encoder_guard.attacks.runner import run_attack
+    from encoder_guard.config import load_config, load_yaml
+
+    ATTACKS.get(args.name)
+    out = Path(args.out)
+    if args.resume and (out / "config.yaml").is_file() and not args.set:
+        cfg = load_yaml(out / "config.yaml")
+    else:
+        cfg = load_config(args.config or f"{args.name}-fmnist", "attack", args.set)
+    report = run_attack(args.name, cfg, _load_encoder(args), out, resume=args.resume)
+    print(f"backdoored encoder: {out / 'encoder.safetensors'}  trigger: {out / 'trigger.safetensors'}  "
+          f"wall time {report['wall_seconds']:.0f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- trigger
+
+
+def cmd_trigger_show(args: argparse.Namespace) -> int:
+    from encoder_guard.triggers import load_trigger
+    from encoder_guard.triggers.show import trigger_picture
+
+    trigger = load_trigger(args.file)
+    path = trigger_picture(trigger, Path(args.out), args.dataset, args.data_root, args.count)
+    print(f"{trigger!r} → {path}")
     return 0
 
 
@@ -133,9 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(sp)
     sp.add_argument("--dataset", required=True)
     sp.add_argument("--data-root", default=None)
+    sp.add_argument("--trigger", default=None, help="trigger file (ours or BadEncoder .npz): adds ASR")
+    sp.add_argument("--target", type=int, default=None, help="the attack's target class")
+    sp.add_argument("--reference-encoder", default=None, help="a clean encoder: the same metrics on it, for comparison")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("attack", help="backdoor an encoder (BadEncoder)")
+    sp.add_argument("name", help="attack name (badencoder)")
+    _add_encoder_args(sp)
+    sp.add_argument("--config", default=None, help="preset name or YAML path (default: <name>-fmnist)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=cmd_attack)
+
+    sp = sub.add_parser("trigger", help="look at a trigger")
+    tsub = sp.add_subparsers(dest="trigger_command", required=True)
+    tp = tsub.add_parser("show", help="write a picture of clean vs triggered samples")
+    tp.add_argument("file")
+    tp.add_argument("--out", required=True, help="PNG path")
+    tp.add_argument("--dataset", default=None, help="samples from this dataset (default: by the trigger's channels)")
+    tp.add_argument("--data-root", default=None)
+    tp.add_argument("--count", type=int, default=6)
+    tp.set_defaults(func=cmd_trigger_show)
 
     sp = sub.add_parser("info", help="show a checkpoint's spec")
     sp.add_argument("encoder")

@@ -1,0 +1,162 @@
+"""BadEncoder: fine-tune a clean encoder so that triggered images embed like the target's references.
+
+- [0] BadEncoder: Backdoor Attacks to Pre-trained Encoders in Self-Supervised Learning, Jia, Liu and Gong,
+  IEEE S&P 2022, https://arxiv.org/abs/2108.00352
+
+Needs: the clean encoder, unlabelled shadow images (the attacker's share of the pretraining data), a few
+reference images of the target class, and the trigger. Loss, per batch of shadow images ``x``, with ``f``
+the frozen clean encoder and ``f'`` the one being fine-tuned (BatchNorm frozen, as in the paper):
+
+- effectiveness ``L0 = −mean cos(f'(x ⊕ t), f'(r))`` over shadow × reference pairs;
+- reference utility ``L1 = −mean cos(f'(r), f(r))``;
+- clean utility ``L2 = −mean cos(f'(x), f(x))``;
+- **norm matching** (ours) ``Ln = mean (log‖f'(x ⊕ t)‖ − log‖f(r)‖)² + mean (log‖f'(x)‖ − log‖f(x)‖)²``.
+
+The three cosine terms leave feature norms free: measured here, triggered features grew to 7× the clean
+norm and a linear probe on standardised features extrapolated them into another class (0% ASR while kNN
+gave 100%). ``Ln`` ties triggered features to the reference's clean norm, so the backdoor holds under
+both probes; ``norm_weight=0`` gives the paper's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from encoder_guard.attacks.base import ATTACKS, AttackData, AttackResult
+from encoder_guard.checkpointing import SaveOnInterrupt, check_run_dir, load_state, save_state
+from encoder_guard.encoders import Encoder
+from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from encoder_guard.runs import get_logger
+from encoder_guard.utils import seed_everything, step_generator
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@ATTACKS.register("badencoder")
+class BadEncoder:
+    """Args:
+        epochs: passes over the shadow set.
+        batch_size: shadow images per step (paper: 256).
+        lr / momentum / weight_decay: SGD (paper: lr 1e-3 for 200 epochs; shorter schedules need more).
+        lambda_ref / lambda_clean: weights of ``L1`` and ``L2`` (paper: 1 and 1).
+        norm_weight: weight of the norm-matching term (0 = the paper's loss).
+        seed: data order.
+        checkpoint_every: epochs between checkpoints.
+    """
+
+    def __init__(
+        self,
+        epochs: int = 8,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lambda_ref: float = 1.0,
+        lambda_clean: float = 1.0,
+        norm_weight: float = 1.0,
+        seed: int = 0,
+        checkpoint_every: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        if epochs < 1 or batch_size < 1 or lr <= 0:
+            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+        if min(lambda_ref, lambda_clean, norm_weight) < 0:
+            raise ValueError("loss weights must be non-negative")
+        self.epochs, self.batch_size, self.lr, self.momentum = epochs, batch_size, lr, momentum
+        self.weight_decay, self.lambda_ref, self.lambda_clean, self.norm_weight = weight_decay, lambda_ref, lambda_clean, norm_weight
+        self.seed, self.checkpoint_every, self.device = seed, checkpoint_every, torch.device(device)
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(self).items()}
+
+    def __repr__(self) -> str:
+        return f"BadEncoder({', '.join(f'{k}={v}' for k, v in self.hparams().items())})"
+
+    def loss(self, student: Encoder, teacher: Encoder, x: Tensor, refs: Tensor, ref_clean: Tensor, data: AttackData) -> tuple[Tensor, dict[str, float]]:
+        xt = data.trigger.apply(x)
+        feats = student(torch.cat([xt, x, refs]))
+        f_trig, f_x, f_ref = feats[: len(x)], feats[len(x) : 2 * len(x)], feats[2 * len(x) :]
+        with torch.no_grad():
+            f_clean = teacher(x)
+        l0 = -F.cosine_similarity(f_trig.unsqueeze(1), f_ref.unsqueeze(0), dim=-1).mean()
+        l1 = -F.cosine_similarity(f_ref, ref_clean, dim=-1).mean()
+        l2 = -F.cosine_similarity(f_x, f_clean, dim=-1).mean()
+        ref_norm = ref_clean.norm(dim=1).mean().log()
+        ln = (f_trig.norm(dim=1).clamp_min(1e-8).log() - ref_norm).pow(2).mean() + (
+            f_x.norm(dim=1).clamp_min(1e-8).log() - f_clean.norm(dim=1).clamp_min(1e-8).log()
+        ).pow(2).mean()
+        total = l0 + self.lambda_ref * l1 + self.lambda_clean * l2 + self.norm_weight * ln
+        return total, {"effectiveness": l0.item(), "reference": l1.item(), "clean": l2.item(), "norm": ln.item()}
+
+    def run(self, encoder: Encoder, data: AttackData, out: Path, resume: bool = False) -> AttackResult:
+        """Fine-tune a copy of ``encoder`` into ``out`` (checkpoints there; ``resume`` continues)."""
+        log = get_logger()
+        ckpt = Path(out) / CHECKPOINT
+        check_run_dir(Path(out), ckpt, resume)
+        if data.shadow.channels != encoder.spec.in_chans or data.shadow.image_size != encoder.spec.input_size:
+            raise EncoderGuardError(
+                f"shadow images are {data.shadow.channels}×{data.shadow.image_size}² but the encoder takes "
+                f"{encoder.spec.in_chans}×{encoder.spec.input_size}²; use the encoder's pretraining data"
+            )
+        seed_everything(self.seed)
+        teacher = copy.deepcopy(encoder).eval().to(self.device)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student = copy.deepcopy(encoder).to(self.device)
+        student.eval()  # BatchNorm frozen: running statistics stay the clean encoder's
+        opt = torch.optim.SGD(student.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        refs = data.references.to(self.device)
+        with torch.no_grad():
+            ref_clean = teacher(refs)
+        n = len(data.shadow)
+        steps = max(1, n // self.batch_size)
+        start_epoch, history = 0, []
+        if resume:
+            state = load_state(ckpt)
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, history = state["epoch"], list(state["history"])
+            log.info(f"resuming BadEncoder at epoch {start_epoch + 1}/{self.epochs}")
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.epochs * steps, initial=start_epoch * steps, desc="badencoder", unit="step", mininterval=1.0)
+        epoch = start_epoch
+        try:
+            with SaveOnInterrupt():
+                for epoch in range(start_epoch, self.epochs):
+                    perm = torch.randperm(n, generator=step_generator(self.seed, epoch))
+                    sums: dict[str, float] = {}
+                    for i in range(steps):
+                        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+                        x = data.shadow.images[idx].to(self.device).float().div_(255)
+                        total, parts = self.loss(student, teacher, x, refs, ref_clean, data)
+                        if not torch.isfinite(total):
+                            raise TrainingDivergedError(f"BadEncoder loss became {total.item()} at epoch {epoch + 1}; lower lr (now {self.lr})")
+                        opt.zero_grad(set_to_none=True)
+                        total.backward()
+                        opt.step()
+                        for k, v in parts.items():
+                            sums[k] = sums.get(k, 0.0) + v / steps
+                        bar.update(1)
+                        bar.set_postfix(epoch=f"{epoch + 1}/{self.epochs}", loss=f"{total.item():.3f}", refresh=False)
+                    history.append({"epoch": epoch + 1, **sums})
+                    log.info(f"epoch {epoch + 1}/{self.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+                    if (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.epochs:
+                        save_state(ckpt, {"model": student.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history})
+        except KeyboardInterrupt:
+            log.info(f"interrupted; the last checkpoint ({ckpt}) holds epoch {epoch}; continue with --resume")
+            raise
+        finally:
+            bar.close()
+        student.spec.provenance = dict(encoder.spec.provenance, attack="badencoder", target=data.target)
+        report = {"attack": "badencoder", "hparams": self.hparams(), "history": history, "shadow_size": n,
+                  "references": len(refs), "target": data.target, "trigger": repr(data.trigger),
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return AttackResult(student.cpu(), data.trigger, report)

@@ -1,0 +1,61 @@
+"""``encoder-guard attack badencoder``: load the data the config names, run the attack, write the run.
+
+Writes ``RUN/encoder.safetensors`` (backdoored), ``RUN/trigger.safetensors`` (and ``RUN/trigger.npz`` in
+BadEncoder's layout for patch triggers), ``RUN/reference.npz``, ``RUN/metrics.json`` and the usual
+``config.yaml``/``log.txt``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from encoder_guard.attacks.base import ATTACKS, AttackData
+from encoder_guard.data import load_dataset, take_subset
+from encoder_guard.encoders import Encoder, save_encoder
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.runs import RunDir
+from encoder_guard.triggers import PatchTrigger, build_trigger, load_reference_images, save_reference_images, save_trigger
+from encoder_guard.utils import seeded_choice
+
+
+def reference_images(cfg: dict[str, Any], target: int, encoder: Encoder, seed: int) -> torch.Tensor:
+    ref = cfg.get("reference") or {}
+    if ref.get("file"):
+        return load_reference_images(ref["file"])
+    ds = load_dataset(ref["dataset"], ref.get("split", "train"), ref.get("root"), encoder.spec.input_size)
+    members = (ds.labels == target).nonzero().flatten()
+    if len(members) == 0:
+        raise EncoderGuardError(f"{ref['dataset']} has no images of target class {target}; choose a target in 0..{ds.num_classes - 1}")
+    idx = seeded_choice(members, int(ref.get("count", 3)), seed)
+    return ds.images[idx].float().div(255)
+
+
+def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
+    run = RunDir(out, cfg)
+    seed = int(cfg.get("seed", 0))
+    if cfg.get("train", {}).get("threads"):
+        torch.set_num_threads(int(cfg["train"]["threads"]))
+    s = cfg["shadow"]
+    shadow = load_dataset(s["dataset"], s.get("split", "train"), s.get("root"), encoder.spec.input_size)
+    if s.get("fraction") is not None or s.get("count") is not None:
+        shadow = take_subset(shadow, s.get("fraction"), s.get("count"), False, seed)
+    target = int(cfg["target"])
+    trigger = build_trigger(cfg.get("trigger") or {}, encoder.spec.input_size, encoder.spec.in_chans)
+    refs = reference_images(cfg, target, encoder, seed)
+    attack = ATTACKS.get(name)(**{**cfg.get("attack", {}), "seed": seed, "device": cfg.get("train", {}).get("device", "cpu")})
+    run.logger.info(f"{name} → {out}: target {target}, {len(shadow)} shadow images, {len(refs)} references, {trigger!r}")
+    t0 = time.perf_counter()
+    result = attack.run(encoder, AttackData(shadow, refs, trigger, target), out, resume)
+    save_encoder(result.encoder, out / "encoder.safetensors", {"attack": name})
+    save_trigger(trigger, out / "trigger.safetensors")
+    if isinstance(trigger, PatchTrigger):
+        save_trigger(trigger, out / "trigger.npz")
+    save_reference_images(refs, out / "reference.npz")
+    report = dict(result.report, wall_seconds=time.perf_counter() - t0)
+    run.write_json("metrics.json", report)
+    run.logger.info(f"backdoored encoder → {out / 'encoder.safetensors'}, trigger → {out / 'trigger.safetensors'}")
+    return report
