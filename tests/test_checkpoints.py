@@ -444,10 +444,10 @@ def test_pickles_needing_code_are_refused_without_running_it(tmp_path):
             assert "_make_marker" in str(err.value), name
         assert not marker.exists(), f"{name}: loading executed pickled code"
 
-    # the trap is armed: an unrestricted load would have run it
+    # the trap is armed: the call an unrestricted unpickler would make does create the marker
     armed = tmp_path / "armed"
-    torch.save({"obj": Trap(armed)}, tmp_path / "armed.pth")
-    torch.load(tmp_path / "armed.pth", weights_only=False)
+    fn, args = Trap(armed).__reduce__()
+    fn(*args)
     assert armed.exists()
 
     # a training script's argparse.Namespace inside the checkpoint needs a global too
