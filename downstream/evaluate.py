@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 from encoder_guard.data import ImageDataset

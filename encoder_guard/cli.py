@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,15 +32,20 @@ def _load_encoder(args: argparse.Namespace):
 # ----------------------------------------------------------------------------------------------- pretrain
 
 
+def _run_config(args: argparse.Namespace, family: str, preset: str) -> dict[str, Any]:
+    """The config of a run: on ``--resume`` without overrides, the run's own ``config.yaml``."""
+    from encoder_guard.config import load_config, load_yaml
+
+    saved = Path(args.out) / "config.yaml"
+    if args.resume and saved.is_file() and not args.set:
+        return load_yaml(saved)
+    return load_config(preset, family, args.set)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from encoder_guard.config import load_config
     from pretrain import pretrain
 
-    cfg = load_config(args.config, "pretrain", args.set)
-    if args.resume and (Path(args.out) / "config.yaml").is_file() and not args.set:
-        from encoder_guard.config import load_yaml
-
-        cfg = load_yaml(Path(args.out) / "config.yaml")
+    cfg = _run_config(args, "pretrain", args.config)
     summary = pretrain(cfg, args.out, resume=args.resume)
     print(f"encoder: {Path(args.out) / 'encoder.safetensors'}  final loss {summary['final_loss']:.4f}")
     return 0
@@ -113,14 +117,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from encoder_guard.attacks import ATTACKS
     from encoder_guard.attacks.runner import run_attack
-    from encoder_guard.config import load_config, load_yaml
 
     ATTACKS.get(args.name)
     out = Path(args.out)
-    if args.resume and (out / "config.yaml").is_file() and not args.set:
-        cfg = load_yaml(out / "config.yaml")
-    else:
-        cfg = load_config(args.config or f"{args.name}-fmnist", "attack", args.set)
+    cfg = _run_config(args, "attack", args.config or f"{args.name}-fmnist")
     report = run_attack(args.name, cfg, _load_encoder(args), out, resume=args.resume)
     print(f"backdoored encoder: {out / 'encoder.safetensors'}  trigger: {out / 'trigger.safetensors'}  "
           f"wall time {report['wall_seconds']:.0f} s")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 from encoder_guard.encoders.checkpoint import SPEC_KEY, load_own, load_state_into, read_weights
@@ -170,10 +169,6 @@ def default_hints(arch: dict[str, Any]) -> dict[str, Any]:
     else:
         hints.update(mean=(0.5,) * c, std=(0.5,) * c)
     return hints
-
-
-def _keys(state: dict[str, Tensor]) -> set[str]:
-    return set(state)
 
 
 # ----------------------------------------------------------------------------------------------- formats
