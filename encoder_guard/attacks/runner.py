@@ -30,8 +30,29 @@ def reference_images(cfg: dict[str, Any], target: int, encoder: Encoder, seed: i
     members = (ds.labels == target).nonzero().flatten()
     if len(members) == 0:
         raise EncoderGuardError(f"{ref['dataset']} has no images of target class {target}; choose a target in 0..{ds.num_classes - 1}")
-    idx = seeded_choice(members, int(ref.get("count", 3)), seed)
-    return ds.images[idx].float().div(255)
+    count, select = int(ref.get("count", 3)), ref.get("select", "typical")
+    if select == "random":
+        return ds.images[seeded_choice(members, count, seed)].float().div(255)
+    if select != "typical":
+        raise EncoderGuardError(f"reference.select must be 'typical' or 'random', not {select!r}")
+    return typical_images(encoder, ds.images[seeded_choice(members, int(ref.get("pool", 1000)), seed)].float().div(255), count)
+
+
+@torch.no_grad()
+def typical_images(encoder: Encoder, pool: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` images of ``pool`` whose clean features lie closest (cosine) to the pool's mean direction.
+
+    The effectiveness term pulls triggered features towards the mean direction of the references; a few
+    randomly drawn references of a varied class (a T-shirt that looks like a bag) can put that direction in
+    another class's region, so the attacker picks prototypical ones from the images of the target class it has.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    feats = torch.cat([encoder(b) for b in pool.split(256)])
+    encoder.train(was_training)
+    feats = torch.nn.functional.normalize(feats, dim=1)
+    centre = torch.nn.functional.normalize(feats.mean(0), dim=0)
+    return pool[(feats @ centre).argsort(descending=True)[:count]]
 
 
 def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
