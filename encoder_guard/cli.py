@@ -127,6 +127,39 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- defend
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from encoder_guard.defenses import DEFENSES
+    from encoder_guard.defenses.runner import run_defense
+
+    DEFENSES.get(args.name)
+    out = Path(args.out)
+    cfg = _run_config(args, "defend", args.config or args.name)
+    report = run_defense(args.name, cfg, _load_encoder(args), out, resume=args.resume)
+    print(f"defended encoder: {out / 'encoder.safetensors'}  report: {out / 'report.json'}  "
+          f"wall time {report['wall_seconds']:.0f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- analyze
+
+
+def cmd_analyze_mi(args: argparse.Namespace) -> int:
+    from encoder_guard.analysis import mi_report
+
+    rows = mi_report(_load_encoder(args), args.dataset, args.data_root, args.samples, args.estimator, args.pool,
+                     args.seed, Path(args.out), args.set)
+    width = max(len(r["tap"]) for r in rows)
+    print(f"{'tap':<{width}}  {'shape':>12}  {'inputs':>6}  {'MI (nats)':>9}  {'weight':>6}  {'seconds':>7}")
+    for r in rows:
+        shape = f"{r['channels']}x{r['spatial']}x{r['spatial']}"
+        print(f"{r['tap']:<{width}}  {shape:>12}  {r['inputs']:>6}  {r['mi']:>9.3f}  {r['weight']:>6.2f}  {r['seconds']:>7.1f}")
+    print(f"table: {Path(args.out) / 'mi.json'}  plot: {Path(args.out) / 'mi.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- trigger
 
 
@@ -202,6 +235,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--resume", action="store_true")
     sp.set_defaults(func=cmd_attack)
+
+    sp = sub.add_parser("defend", help="defend an encoder (mimic, finetune, distill, nad, purifier, ...)")
+    sp.add_argument("name", help="defense name")
+    _add_encoder_args(sp)
+    sp.add_argument("--config", default=None, help="preset name or YAML path (default: configs/defend/<name>.yaml)")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=cmd_defend)
+
+    sp = sub.add_parser("analyze", help="diagnostics of an encoder")
+    asub = sp.add_subparsers(dest="analyze_command", required=True)
+    ap = asub.add_parser("mi", help="per-stage mutual information with the final features (table + bar plot)")
+    _add_encoder_args(ap)
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--samples", type=int, default=2000, help="clean images drawn from the training split")
+    ap.add_argument("--estimator", default="mine", help="mine | infonce | gaussian")
+    ap.add_argument("--pool", type=int, default=2, help="each stage map is average-pooled to pool x pool cells")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="estimator argument, e.g. steps=1000")
+    ap.add_argument("--out", required=True)
+    ap.set_defaults(func=cmd_analyze_mi)
 
     sp = sub.add_parser("trigger", help="look at a trigger")
     tsub = sp.add_subparsers(dest="trigger_command", required=True)

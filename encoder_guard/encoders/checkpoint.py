@@ -23,6 +23,7 @@ from encoder_guard.errors import CheckpointError
 
 SPEC_KEY = "encoder_guard.spec"
 FORMAT_KEY = "format"
+PLUGIN_PREFIX = "plugins."  # plug-in tensors (Purifier alignment) beside the backbone's
 
 
 def save_encoder(encoder: Encoder, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
@@ -32,6 +33,7 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike, extra: dict[str, str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.backbone.state_dict().items()}
+    tensors.update({f"{PLUGIN_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in encoder.plugins.state_dict().items()})
     meta = {FORMAT_KEY: "encoder_guard/1", SPEC_KEY: encoder.spec.to_json(), **(extra or {})}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -124,4 +126,11 @@ def load_own(tensors: dict[str, Tensor], meta: dict[str, str], source: str) -> E
     if SPEC_KEY not in meta:
         raise CheckpointError(f"{source} has no encoder_guard spec in its metadata")
     spec = EncoderSpec.from_json(meta[SPEC_KEY])
-    return load_state_into(Encoder(spec), tensors, source)
+    plugin_state = {k[len(PLUGIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(PLUGIN_PREFIX)}
+    encoder = load_state_into(Encoder(spec), {k: v for k, v in tensors.items() if not k.startswith(PLUGIN_PREFIX)}, source)
+    try:
+        encoder.plugins.load_state_dict(plugin_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: the plug-in tensors do not match the spec's plug-ins ({str(exc).splitlines()[0]}); "
+                              "the file is damaged or was edited") from exc
+    return encoder

@@ -13,9 +13,22 @@ import torch
 from torch import Tensor, nn
 
 from encoder_guard.encoders.backbones import build_backbone
+from encoder_guard.encoders.plugins import build_plugin
 from encoder_guard.encoders.spec import EncoderSpec
 
 TAP_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
+TAP_MODULES = ("act1", "layer1", "layer2", "layer3", "layer4")  # the timm ResNet module whose output each tap is
+
+
+class _ApplyPlugin:
+    """A forward hook that replaces a stage's output by ``plugin(output)`` (an object, not a lambda, so that
+    ``copy.deepcopy`` of the encoder points the copy's hook at the copy's plug-in)."""
+
+    def __init__(self, plugin: nn.Module) -> None:
+        self.plugin = plugin
+
+    def __call__(self, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+        return self.plugin(output)
 
 
 class Encoder(nn.Module):
@@ -40,6 +53,20 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
         self._feature_info: list[dict] | None = None
+        self.plugins = nn.ModuleDict()
+        for tap, description in list(spec.plugins.items()):
+            self.attach(tap, build_plugin(description))
+
+    def attach(self, tap: str, plugin: nn.Module) -> None:
+        """Apply ``plugin`` to the output of stage ``tap`` from now on (recorded in the spec and checkpoint)."""
+        if tap not in TAP_NAMES:
+            raise ValueError(f"unknown tap {tap!r}; taps are {', '.join(TAP_NAMES)}")
+        if tap in self.plugins:
+            raise ValueError(f"tap {tap} already has a plug-in")
+        self.plugins[tap] = plugin
+        self.spec.plugins[tap] = plugin.describe()
+        module = self.backbone.get_submodule(TAP_MODULES[TAP_NAMES.index(tap)])
+        module.register_forward_hook(_ApplyPlugin(plugin))
 
     @property
     def feature_dim(self) -> int:
@@ -102,10 +129,9 @@ class Encoder(nn.Module):
             with torch.no_grad():
                 _, maps = self.forward_intermediates(torch.zeros(1, self.spec.in_chans, s, s))
             self.train(was_training)
-            modules = ("act1", "layer1", "layer2", "layer3", "layer4")
             self._feature_info = [
                 {"name": n, "module": m, "num_chs": int(f.shape[1]), "reduction": s / f.shape[-1]}
-                for n, m, f in zip(TAP_NAMES, modules, maps)
+                for n, m, f in zip(TAP_NAMES, TAP_MODULES, maps)
             ]
         return self._feature_info
 

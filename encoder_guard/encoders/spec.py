@@ -39,6 +39,7 @@ class EncoderSpec:
         mean / std: per-channel normalisation applied inside the encoder to ``[0, 1]`` inputs.
         ssl_method: how the weights were trained (``simclr``, ``byol``, ``badencoder``...), if known.
         provenance: free-form record (source format, file, run, attack...).
+        plugins: plug-in modules on stage outputs, by tap name (see ``encoders.plugins``; Purifier).
     """
 
     arch: str = "resnet"
@@ -56,6 +57,7 @@ class EncoderSpec:
     std: tuple[float, ...] = FMNIST_STD
     ssl_method: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(v) for v in self.layers)

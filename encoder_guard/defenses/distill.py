@@ -1,0 +1,210 @@
+"""Distillation on clean unlabelled data: the loop behind MIMIC and its baselines.
+
+One loop, four families of defense, chosen by where the student starts, who teaches it and which losses
+are on (``encoder_guard.defenses.mimic`` and ``.baselines`` register them):
+
+- **MIMIC** ([0]): a student from random initialisation, taught by the given (possibly backdoored)
+  encoder with NT-Xent + clone loss + attention loss whose per-stage weights grow with the teacher's
+  per-stage mutual information with its final features.
+- **SSL fine-tuning**: the given encoder itself, NT-Xent only.
+- **Plain distillation**: a random student, clone loss only.
+- **NAD** ([1]), SSL version: the teacher is the given encoder after SSL fine-tuning; the student is the
+  given encoder, trained with NT-Xent + attention loss (uniform stage weights).
+
+Losses on two augmented views ``v`` of each clean image (student ``s``, teacher ``t``, frozen):
+
+- NT-Xent on a fresh SimCLR projection head of the student (lightly's ``NTXentLoss``);
+- clone ``1 − cos(s(v), t(v))``, averaged over views;
+- attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions,
+  the activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
+
+The student trains in train mode (its BatchNorm statistics are learned from the clean data); the teacher
+stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining recipe.
+
+- [0] Mutual Information Guided Backdoor Mitigation for Pre-Trained Encoders, Han et al., IEEE TIFS 2025
+- [1] Neural Attention Distillation, Li et al., ICLR 2021, https://arxiv.org/abs/2101.05930
+- [2] Paying More Attention to Attention, Zagoruyko and Komodakis, ICLR 2017, https://arxiv.org/abs/1612.03928
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from encoder_guard.checkpointing import SaveOnInterrupt, load_state, save_state
+from encoder_guard.encoders import Encoder
+from encoder_guard.errors import TrainingDivergedError
+from encoder_guard.runs import get_logger
+from encoder_guard.utils import step_generator
+from pretrain.augment import ViewConfig, augment
+
+
+def attention_map(feature: Tensor) -> Tensor:
+    """``(B, C, H, W)`` → ``(B, H·W)``: channel-summed squared activation, L2-normalised per sample."""
+    return F.normalize(feature.pow(2).sum(dim=1).flatten(1), dim=1)
+
+
+def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    terms = [w * (attention_map(s) - attention_map(t)).pow(2).sum(dim=1).mean() for s, t, w in zip(student, teacher, weights)]
+    return torch.stack(terms).sum()
+
+
+def clone_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
+
+
+@dataclass
+class LossWeights:
+    """Weights of the three terms and of each tapped stage inside the attention term."""
+
+    ssl: float = 1.0
+    clone: float = 1.0
+    attention: float = 1.0
+    taps: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3", "layer4"])
+    stages: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+
+    def __post_init__(self) -> None:
+        if min(self.ssl, self.clone, self.attention) < 0:
+            raise ValueError("loss weights must be non-negative")
+        if self.ssl == self.clone == self.attention == 0:
+            raise ValueError("at least one of the ssl, clone and attention weights must be positive")
+        if len(self.taps) != len(self.stages):
+            raise ValueError(f"{len(self.taps)} taps but {len(self.stages)} stage weights")
+
+
+@dataclass
+class Schedule:
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    temperature: float = 0.5
+    seed: int = 0
+    checkpoint_every: int = 5
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
+
+
+class Student(nn.Module):
+    """The encoder being trained plus the projection head NT-Xent needs (dropped afterwards)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = SimCLRProjectionHead(encoder.feature_dim, 512, 128)
+
+
+def distill(
+    student: Encoder,
+    teacher: Encoder | None,
+    images: Tensor,
+    weights: LossWeights,
+    schedule: Schedule,
+    views: ViewConfig,
+    checkpoint: Path,
+    resume: bool = False,
+    desc: str = "distill",
+) -> list[dict[str, float]]:
+    """Train ``student`` in place on ``images`` (uint8 N×C×H×W); returns per-epoch mean losses.
+
+    ``teacher`` may be ``None`` only when the clone and attention weights are 0.
+    """
+    log = get_logger()
+    if teacher is None and (weights.clone > 0 or weights.attention > 0):
+        raise ValueError("the clone and attention losses need a teacher")
+    device = torch.device(schedule.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(schedule.seed)  # the projection head's initialisation
+        model = Student(student).to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    n = len(images)
+    bs = min(schedule.batch_size, n)
+    steps = max(1, n // bs)
+    total = schedule.epochs * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))  # cosine to 0
+    ntxent = NTXentLoss(temperature=schedule.temperature)
+    taps = list(weights.taps)
+    use_maps = weights.attention > 0
+    start, history = 0, []
+    if resume and checkpoint.exists():
+        state = load_state(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = state["epoch"], list(state["history"])
+        log.info(f"{desc}: resuming at epoch {start + 1}/{schedule.epochs}")
+    bar = tqdm(total=total, initial=start * steps, desc=desc, unit="step", mininterval=1.0)
+    epoch = start
+    try:
+        with SaveOnInterrupt():
+            for epoch in range(start, schedule.epochs):
+                g = step_generator(schedule.seed, epoch)
+                perm = torch.randperm(n, generator=g)
+                sums: dict[str, float] = {}
+                for i in range(steps):
+                    x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
+                    v = torch.cat([augment(x, views, g), augment(x, views, g)])
+                    if use_maps:
+                        feats, maps = model.encoder.forward_intermediates(v, taps)
+                    else:
+                        feats, maps = model.encoder(v), []
+                    parts: dict[str, Tensor] = {}
+                    if weights.ssl > 0:
+                        z = model.head(feats)
+                        parts["ssl"] = ntxent(z[: len(x)], z[len(x) :])
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_feats, t_maps = teacher.forward_intermediates(v, taps) if use_maps else (teacher(v), [])
+                        if weights.clone > 0:
+                            parts["clone"] = clone_loss(feats, t_feats)
+                        if use_maps:
+                            parts["attention"] = attention_loss(maps, t_maps, weights.stages)
+                    loss = sum(getattr(weights, k) * term for k, term in parts.items())
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {schedule.lr})")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    for k, val in parts.items():
+                        sums[k] = sums.get(k, 0.0) + val.item() / steps
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{epoch + 1}/{schedule.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+                history.append({"epoch": epoch + 1, **sums})
+                if (epoch + 1) % schedule.checkpoint_every == 0 or epoch + 1 == schedule.epochs:
+                    save_state(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history})
+                    log.info(f"{desc}: epoch {epoch + 1}/{schedule.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
+    except KeyboardInterrupt:
+        log.info(f"{desc}: interrupted; {checkpoint} holds the last saved epoch; continue with --resume")
+        raise
+    finally:
+        bar.close()
+    model.encoder.cpu().eval()
+    return history
+
+
+def fresh_copy(encoder: Encoder, seed: int) -> Encoder:
+    """The same architecture, randomly initialised (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = Encoder(copy.deepcopy(encoder.spec))
+    student.spec.provenance = {}
+    return student

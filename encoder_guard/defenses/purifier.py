@@ -1,0 +1,198 @@
+"""Purifier and Purifier+: align trigger-driven activations back to the range of normal ones.
+
+- [0] Purifier: Plug-and-play Backdoor Mitigation for Pre-trained Models via Anomaly Activation
+  Suppression, Zhang et al., ACM MM 2022
+- [1] Purifier+: Plug-and-Play Backdoor Mitigation for Pre-Trained Models via Activation Alignment,
+  IEEE TMM 2025
+
+A trigger works by driving some units of the network far outside what clean inputs ever make them do.
+Both defenses here are label-free and plug-and-play: statistics of clean activations are collected on
+a small clean set, and ``ActivationAlignment`` plug-ins (``encoders.plugins``) are attached to the chosen
+stage outputs without touching the backbone.
+
+**Purifier** (``purifier``): per unit (channel, cube or feature element, the ``granularity``), the
+range ``[lo, hi]`` between the ``1 − q`` and ``q`` quantiles of its clean values; at inference every
+activation is clamped into its unit's range. Clean inputs are almost untouched (a share ``1 − q`` of
+their unit values is clipped, by little); a trigger's out-of-range activations are cut back.
+
+**Purifier+** (``purifier-plus``): Purifier's operator is not public beyond "boost important activation
+patterns, suppress unimportant ones"; ours, chosen by measurement (benchmarks/purifier_table.py):
+
+1. *Importance rating*: first-order Taylor estimate of how much the clean representation depends on
+   each unit, ``r_u = E_x |Σ_{e∈u} a_e · ∂‖f(x)‖/∂a_e|`` — the change of the feature along its own
+   direction if the unit were removed (one backward pass for all units).
+2. *Suppress* the ``suppress`` share of units with the lowest rating: gain ``suppress_gain``. Units
+   clean data hardly needs are where a backdoor can live without costing utility (the premise of
+   fine-pruning); they are silenced whatever their range.
+3. *Boost* the rest by one factor that restores the layer's mean clean activation mass lost to the
+   suppression, so the next layer sees inputs at the scale its BatchNorm statistics expect.
+4. *Align* every unit into its clean range, as Purifier does.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
+from encoder_guard.encoders import Encoder
+from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
+from encoder_guard.encoders.plugins import ActivationAlignment, unit_shape
+
+
+def _stage_outputs(encoder: Encoder, images: Tensor, tap: str, batch_size: int, grad: bool = False):
+    """Yield ``(batch output map, pooled final features)`` of ``tap`` over ``images`` (float [0, 1])."""
+    module = encoder.backbone.get_submodule(TAP_MODULES[TAP_NAMES.index(tap)])
+    for batch in images.split(batch_size):
+        store: dict[str, Tensor] = {}
+
+        def keep(_m, _i, out):
+            if grad:
+                out.retain_grad()
+            store["map"] = out
+
+        handle = module.register_forward_hook(keep)  # the plug-in hook (registered earlier) ran first
+        try:
+            with torch.set_grad_enabled(grad):
+                final = encoder(batch)
+        finally:
+            handle.remove()
+        yield store["map"], final
+
+
+def _units(plugin: ActivationAlignment, x: Tensor) -> Tensor:
+    """Per-sample unit values ``(N, units)`` for range statistics."""
+    return plugin.unit_values(x).flatten(1)
+
+
+def _quantiles(values: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """Per column of ``values`` (N, U): the ``1 − q`` and ``q`` quantiles (by sorting; any N)."""
+    s = values.sort(dim=0).values
+    n = len(s) - 1
+    return s[int(round((1 - q) * n))], s[int(round(q * n))]
+
+
+class Purifier:
+    """Args:
+        granularity: ``channel``, ``cube`` or ``feature``.
+        taps: stage outputs to align (names from ``TAP_NAMES``), fitted in network order.
+        quantile: the range of a unit is its clean ``[1 − q, q]`` quantiles.
+        plus: Purifier+ (importance rating, suppress/boost) on top of the alignment.
+        suppress: share of units (lowest importance) silenced by Purifier+.
+        suppress_gain: their gain (0 = silenced).
+        samples: clean images used (at most all the defender holds).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        granularity: str = "feature",
+        taps: Sequence[str] = ("layer4",),
+        quantile: float = 0.999,
+        plus: bool = False,
+        suppress: float = 0.2,
+        suppress_gain: float = 0.0,
+        samples: int | None = None,
+        batch_size: int = 500,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        unit_shape(granularity, 1, 1)  # validates
+        if not 0.5 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0.5, 1], got {quantile}")
+        if not 0 <= suppress < 1 or suppress_gain < 0:
+            raise ValueError("suppress must be in [0, 1) and suppress_gain >= 0")
+        bad = [t for t in taps if t not in TAP_NAMES]
+        if bad or not taps:
+            raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
+        self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
+        self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
+        self.seed, self.device = seed, device
+
+    def hparams(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "device"}
+
+    @torch.no_grad()
+    def _fit_ranges(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> dict[str, Any]:
+        values = torch.cat([_units(plugin, m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])
+        lo, hi = _quantiles(values, self.quantile)
+        plugin.lo.copy_(lo.view_as(plugin.lo))
+        plugin.hi.copy_(hi.view_as(plugin.hi))
+        clipped = ((values < lo) | (values > hi)).float().mean().item()
+        return {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
+
+    def _importance(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> Tensor:
+        """Taylor rating per unit: ``E |Σ_{e∈u} a_e ∂‖f‖/∂a_e|`` on clean images."""
+        total = torch.zeros(plugin.lo.numel())
+        for fmap, final in _stage_outputs(encoder, images, tap, self.batch_size, grad=True):
+            final.norm(dim=1).sum().backward()
+            contrib = (fmap * fmap.grad).detach()
+            if self.granularity == "channel":
+                per_unit = contrib.sum(dim=(2, 3))
+            elif self.granularity == "cube":
+                per_unit = contrib.sum(dim=1).flatten(1)
+            else:
+                per_unit = contrib.flatten(1)
+            total += per_unit.abs().sum(0)
+            encoder.zero_grad(set_to_none=True)
+        return total / len(images)
+
+    def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:
+        t0 = time.perf_counter()
+        enc = copy.deepcopy(encoder).eval()
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        images = data.clean.images
+        if self.samples is not None and self.samples < len(images):
+            g = torch.Generator().manual_seed(self.seed)
+            images = images[torch.randperm(len(images), generator=g)[: self.samples]]
+        images = images.float().div(255)
+        info = {t["name"]: t for t in enc.feature_info}
+        layers = {}
+        for tap in self.taps:
+            if tap in enc.plugins:
+                raise ValueError(f"the encoder already has a plug-in at {tap}; purify the original encoder")
+            side = int(round(enc.spec.input_size / info[tap]["reduction"]))
+            plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side)
+            enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
+            t_tap = time.perf_counter()
+            stats = self._fit_ranges(enc, images, tap, plugin)
+            mean_abs = stats.pop("mean_abs")
+            if self.plus and self.suppress > 0:
+                stats.update(self._rate_and_gain(enc, images, tap, plugin, mean_abs))
+            stats["seconds"] = time.perf_counter() - t_tap
+            layers[tap] = stats
+        report = {"hparams": self.hparams(), "data": {**data.usage(), "images_used": len(images)}, "layers": layers,
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(enc, report)
+
+    def _rate_and_gain(self, enc: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment, mean_abs: Tensor) -> dict[str, Any]:
+        for p in enc.parameters():
+            p.requires_grad_(True)
+        rating = self._importance(enc, images, tap, plugin)
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        k = int(self.suppress * len(rating))
+        low = rating.argsort()[:k]
+        gain = torch.ones_like(rating)
+        gain[low] = self.suppress_gain
+        mass = mean_abs if len(mean_abs) == len(rating) else torch.ones_like(rating)
+        kept = (mass * gain).sum()
+        boost = float(mass.sum() / kept) if kept > 0 else 1.0
+        gain[gain == 1] = boost
+        plugin.gain.copy_(gain.view_as(plugin.gain))
+        return {"suppressed": k, "boosted": len(rating) - k, "boost": boost,
+                "rating_share_suppressed": float(rating[low].sum() / rating.sum().clamp_min(1e-12))}
+
+
+DEFENSES.register("purifier")(Purifier)
+
+
+@DEFENSES.register("purifier-plus")
+def purifier_plus(**kwargs: Any) -> Purifier:
+    return Purifier(**{**kwargs, "plus": True})

@@ -1,0 +1,80 @@
+"""Plug-in modules on an encoder's stage outputs: the mechanism behind Purifier / Purifier+.
+
+A plug-in is a small module applied to a tap's output map by a forward hook on that stage, so it works on
+any backbone the :class:`~encoder_guard.encoders.Encoder` wraps (timm, torchvision or imported weights)
+without touching the backbone's code or its state-dict keys. Its description lives in
+``EncoderSpec.plugins`` and its tensors in the checkpoint under ``plugins.<tap>.*``, so a purified encoder
+saves and loads like any other.
+
+``ActivationAlignment`` is the one plug-in so far: per unit, clamp the activation into its normal range
+``[lo, hi]`` and multiply by a gain. A *unit* depends on the granularity:
+
+- ``channel``: one range per channel, shared by all positions;
+- ``cube``: one range per spatial position for the L2 norm of the channel vector there (the whole
+  ``C × 1 × 1`` cube is rescaled when its norm leaves the range, so its direction is kept);
+- ``feature``: one range per element ``(c, h, w)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from encoder_guard.registry import Registry
+
+PLUGINS: Registry[type] = Registry("plug-in")
+GRANULARITIES = ("channel", "cube", "feature")
+
+
+def unit_shape(granularity: str, channels: int, size: int) -> tuple[int, ...]:
+    """Shape of the per-unit parameters, broadcastable against ``(B, C, H, W)``."""
+    shapes = {"channel": (1, channels, 1, 1), "cube": (1, 1, size, size), "feature": (1, channels, size, size)}
+    if granularity not in shapes:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+    return shapes[granularity]
+
+
+@PLUGINS.register("align")
+class ActivationAlignment(nn.Module):
+    """Clamp each unit into ``[lo, hi]`` (fitted on clean activations), then scale it by ``gain``.
+
+    Before fitting it is the identity (``lo = -inf``, ``hi = +inf``, ``gain = 1``).
+    """
+
+    def __init__(self, granularity: str, channels: int, size: int) -> None:
+        super().__init__()
+        self.granularity, self.channels, self.size = granularity, channels, size
+        shape = unit_shape(granularity, channels, size)
+        self.register_buffer("lo", torch.full(shape, -torch.inf))
+        self.register_buffer("hi", torch.full(shape, torch.inf))
+        self.register_buffer("gain", torch.ones(shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.size and self.granularity != "channel":
+            raise ValueError(f"{self.granularity}-wise alignment was fitted on {self.size}×{self.size} maps, got "
+                             f"{x.shape[-2]}×{x.shape[-1]}: feed images of the encoder's input size")
+        if self.granularity == "cube":
+            norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return x * (norm.clamp(self.lo, self.hi) / norm) * self.gain
+        return torch.maximum(torch.minimum(x, self.hi), self.lo) * self.gain
+
+    def unit_values(self, x: Tensor) -> Tensor:
+        """What the ranges are about, per sample: ``(B, *unit_shape[1:])``."""
+        if self.granularity == "cube":
+            return x.norm(dim=1, keepdim=True)
+        if self.granularity == "channel":
+            return x.transpose(0, 1).flatten(1).T.reshape(-1, self.channels, 1, 1)  # positions become samples
+        return x
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size}
+
+    def extra_repr(self) -> str:
+        return f"{self.granularity}, channels={self.channels}, size={self.size}"
+
+
+def build_plugin(description: dict[str, Any]) -> nn.Module:
+    d = dict(description)
+    return PLUGINS.get(d.pop("kind"))(**d)

@@ -1,0 +1,110 @@
+"""Distillation defenses (MIMIC and its baselines): losses, runs, budget, resume, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from encoder_guard.cli import main
+from encoder_guard.config import load_config
+from encoder_guard.defenses import DEFENSES
+from encoder_guard.defenses.distill import attention_loss, attention_map, clone_loss
+from encoder_guard.defenses.runner import run_defense
+from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
+from encoder_guard.errors import EncoderGuardError
+
+FAST = ["data.dataset=synthetic", "data.fraction=null", "data.count=128", "data.allow_more=true",
+        "defense.schedule.epochs=2", "defense.schedule.batch_size=32", "defense.schedule.checkpoint_every=1",
+        "defense.mi.samples=128", "defense.mi.steps=50", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Encoder:
+    torch.manual_seed(3)
+    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
+
+
+def test_attention_and_clone_losses_vanish_on_identical_inputs_only():
+    f = torch.rand(4, 8, 5, 5)
+    a = attention_map(f)
+    assert a.shape == (4, 25) and torch.allclose(a.norm(dim=1), torch.ones(4))
+    assert attention_loss([f], [f], [1.0]) == 0 and attention_loss([f], [f.flip(-1)], [1.0]) > 0
+    assert attention_loss([f], [3 * f], [1.0]) < 1e-6  # scale-free: only where attention goes matters
+    z = torch.randn(4, 16)
+    assert clone_loss(z, z) < 1e-6 and clone_loss(z, -z) == pytest.approx(2.0)
+
+
+def test_every_distillation_defense_is_registered():
+    assert {"mimic", "finetune", "distill", "nad"} <= set(DEFENSES.names())
+
+
+def test_mimic_writes_a_loadable_student_and_a_report(teacher, tmp_path):
+    cfg = load_config("mimic", "defend", FAST)
+    report = run_defense("mimic", cfg, teacher, tmp_path / "run")
+    student = load_encoder(tmp_path / "run" / "encoder.safetensors")
+    assert student.spec.arch == teacher.spec.arch and student.spec.provenance["defense"] == "mimic"
+    assert not torch.equal(student.backbone.conv1.weight, teacher.backbone.conv1.weight)  # a fresh student
+    assert [s["tap"] for s in report["stage_mi"]] == ["layer1", "layer2", "layer3", "layer4"]
+    weights = list(report["stage_weights"].values())
+    assert sum(weights) / len(weights) == pytest.approx(1.0)
+    assert report["data"]["images"] == 128 and report["wall_seconds"] > 0
+    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert on_disk["stage_weights"] == report["stage_weights"]
+
+
+def test_baselines_switch_their_losses(teacher, tmp_path):
+    report = run_defense("distill", load_config("distill", "defend", FAST), teacher, tmp_path / "d")
+    assert set(report["history"][0]) == {"epoch", "clone"} and "stage_mi" not in report
+    report = run_defense("finetune", load_config("finetune", "defend", FAST), teacher, tmp_path / "f")
+    assert set(report["history"][0]) == {"epoch", "ssl"}
+    report = run_defense("nad", load_config("nad", "defend", FAST + ["defense.teacher_epochs=1"]), teacher, tmp_path / "n")
+    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}
+    assert (tmp_path / "n" / "teacher.safetensors").exists()
+
+
+def test_clean_data_budget_is_enforced(teacher, tmp_path):
+    cfg = load_config("mimic", "defend", ["data.dataset=synthetic", "data.fraction=0.5"])
+    with pytest.raises(EncoderGuardError, match="at most 5%.*allow_more=true"):
+        run_defense("mimic", cfg, teacher, tmp_path / "run")
+
+
+def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
+    cfg = load_config("mimic", "defend", FAST + ["defense.mi.estimator=gaussian"])
+    run_defense("mimic", cfg, teacher, tmp_path / "full")
+    import encoder_guard.defenses.distill as distill_mod
+
+    real, calls = distill_mod.clone_loss, {"n": 0}
+
+    def interrupting(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2 (4 steps per epoch), after the epoch-1 checkpoint
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(distill_mod, "clone_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_defense("mimic", cfg, teacher, tmp_path / "cut")
+    monkeypatch.setattr(distill_mod, "clone_loss", real)
+    with pytest.raises(EncoderGuardError, match="--resume"):
+        run_defense("mimic", cfg, teacher, tmp_path / "cut")
+    run_defense("mimic", cfg, teacher, tmp_path / "cut", resume=True)
+    a = load_encoder(tmp_path / "full" / "encoder.safetensors").state_dict()
+    b = load_encoder(tmp_path / "cut" / "encoder.safetensors").state_dict()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_cli_defend_and_analyze_mi(teacher, tmp_path, capsys):
+    ckpt = save_encoder(teacher, tmp_path / "t.safetensors")
+    args = ["defend", "distill", "--encoder", str(ckpt), "--out", str(tmp_path / "run")]
+    assert main(args + sum((["--set", s] for s in FAST), [])) == 0
+    assert (tmp_path / "run" / "encoder.safetensors").exists()
+    assert main(["defend", "nope", "--encoder", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown defense 'nope'" in capsys.readouterr().err
+    assert main(["analyze", "mi", "--encoder", str(ckpt), "--dataset", "synthetic", "--samples", "200",
+                 "--estimator", "gaussian", "--pool", "1", "--out", str(tmp_path / "mi")]) == 0
+    out = capsys.readouterr().out
+    assert "layer4" in out and "stem" in out
+    rows = json.loads((tmp_path / "mi" / "mi.json").read_text())["rows"]
+    assert len(rows) == 5 and (tmp_path / "mi" / "mi.png").exists()

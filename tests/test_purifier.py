@@ -1,0 +1,103 @@
+"""Purifier / Purifier+: plug-ins fitted on clean activations, saved with the encoder, cutting outliers."""
+
+import copy
+
+import pytest
+import torch
+
+from encoder_guard.config import load_config
+from encoder_guard.data import make_synthetic
+from encoder_guard.defenses import DEFENSES, DefenseData
+from encoder_guard.defenses.purifier import Purifier
+from encoder_guard.defenses.runner import run_defense
+from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
+from encoder_guard.encoders.plugins import ActivationAlignment
+from encoder_guard.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def data() -> DefenseData:
+    return DefenseData(make_synthetic(size=256, image_size=16, seed=0), pretraining_size=5120)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_alignment_clamps_each_unit_into_its_range(granularity):
+    plug = ActivationAlignment(granularity, channels=3, size=4)
+    x = torch.randn(5, 3, 4, 4) * 3
+    assert torch.equal(plug(x), x)  # identity before fitting
+    plug.hi.fill_(1.0)
+    plug.lo.fill_(0.0 if granularity != "cube" else 0.0)
+    y = plug(x)
+    if granularity == "cube":
+        assert torch.all(y.norm(dim=1) <= 1.0 + 1e-5)
+        keep = x.norm(dim=1, keepdim=True) <= 1
+        assert torch.allclose(torch.where(keep, y, x), x)  # in-range cubes untouched, directions kept
+        cos = torch.nn.functional.cosine_similarity(y, x, dim=1)
+        assert torch.all(cos > 0.999)
+    else:
+        assert y.min() >= 0 and y.max() <= 1
+    plug.gain.fill_(2.0)
+    assert torch.allclose(plug(x), 2 * y)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_purifier_keeps_clean_features_and_cuts_outliers(encoder, data, granularity, tmp_path):
+    result = Purifier(granularity=granularity, taps=["layer3", "layer4"], quantile=0.99).run(encoder, data, tmp_path)
+    pure = result.encoder
+    x = data.clean.float_images()
+    with torch.no_grad():
+        clean_cos = torch.nn.functional.cosine_similarity(pure(x), encoder(x)).mean()
+    assert clean_cos > 0.97
+    for tap in ("layer3", "layer4"):
+        assert result.report["layers"][tap]["clean_values_clipped"] <= 0.03
+    # an activation far outside the clean range is cut back at layer4
+    with torch.no_grad():
+        _, (m,) = encoder.forward_intermediates(x[:4], ["layer4"])
+        plug = pure.plugins["layer4"]
+        big = plug(m * 50)
+    assert big.abs().max() < (m * 50).abs().max()
+    assert "layer4" in pure.spec.plugins and not encoder.plugins  # the original encoder is untouched
+
+
+def test_purified_encoder_round_trips_through_a_checkpoint(encoder, data, tmp_path):
+    pure = Purifier(granularity="feature", taps=["layer4"], plus=True).run(encoder, data, tmp_path).encoder
+    path = save_encoder(pure, tmp_path / "p.safetensors")
+    back = load_encoder(path).eval()
+    x = data.clean.float_images()[:8]
+    with torch.no_grad():
+        assert torch.allclose(back(x), pure(x), atol=1e-6)
+    assert back.spec.plugins == pure.spec.plugins
+    assert back.digest() == pure.digest()
+    # a file whose plug-in tensors were removed is refused with the reason
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v for k, v in tensors.items() if not k.startswith("plugins.")}, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="plug-in tensors"):
+        load_encoder(tmp_path / "bad.safetensors")
+
+
+def test_purifier_plus_suppresses_least_important_units_and_keeps_mass(encoder, data, tmp_path):
+    result = DEFENSES.get("purifier-plus")(granularity="channel", taps=["layer4"], suppress=0.25).run(encoder, data, tmp_path)
+    layer = result.report["layers"]["layer4"]
+    assert layer["suppressed"] == 32 and layer["boosted"] == 96 and layer["boost"] >= 1.0
+    gain = result.encoder.plugins["layer4"].gain.flatten()
+    assert int((gain == 0).sum()) == 32
+    assert layer["rating_share_suppressed"] < 0.25  # the silenced quarter carries less than a quarter of the rating
+
+
+def test_purifier_runs_from_the_cli_preset(encoder, tmp_path):
+    cfg = load_config("purifier", "defend", ["data.dataset=synthetic", "data.fraction=null", "data.count=25"])
+    report = run_defense("purifier", cfg, copy.deepcopy(encoder), tmp_path / "run")
+    assert report["data"]["images"] == 25 and report["layers"]["layer4"]["units"] == 128 * 2 * 2
+    assert load_encoder(tmp_path / "run" / "encoder.safetensors").spec.provenance["defense"] == "purifier"
