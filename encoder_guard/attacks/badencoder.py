@@ -54,9 +54,9 @@ class BadEncoder:
 
     def __init__(
         self,
-        epochs: int = 8,
+        epochs: int = 12,
         batch_size: int = 256,
-        lr: float = 0.01,
+        lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         lambda_ref: float = 1.0,
