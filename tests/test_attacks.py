@@ -134,3 +134,20 @@ def test_evaluate_reports_asr_with_the_saved_trigger(clean_encoder, tmp_path):
     assert m["asr_knn"] == pytest.approx(attack_success_rate(pred, test.labels, 1), abs=1e-6)
     assert main(["evaluate", "--encoder", str(bd), "--dataset", "synthetic", "--trigger", str(trig),
                  "--out", str(tmp_path / "e2")]) == 2
+
+
+def test_typical_references_are_the_images_nearest_the_class_mean_direction():
+    from encoder_guard.attacks.runner import typical_images
+
+    class Identity(torch.nn.Module):  # features = the flattened pixels
+        def forward(self, x):
+            return x.flatten(1)
+
+    base = torch.zeros(6, 1, 2, 2)
+    base[:, 0, 0, 0] = 1.0
+    pool = base.clone()
+    pool[4, 0, 1, 1] = 5.0  # two outliers far from the pool's mean direction
+    pool[5, 0, 0, 1] = 5.0
+    picked = typical_images(Identity(), pool, 3)
+    assert picked.shape == (3, 1, 2, 2)
+    assert all(float(p[0, 1, 1]) == 0 and float(p[0, 0, 1]) == 0 for p in picked)

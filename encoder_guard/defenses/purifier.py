@@ -12,21 +12,24 @@ stage outputs without touching the backbone.
 
 **Purifier** (``purifier``): per unit (channel, cube or feature element, the ``granularity``), the
 range ``[lo, hi]`` between the ``1 − q`` and ``q`` quantiles of its clean values; at inference every
-activation is clamped into its unit's range. Clean inputs are almost untouched (a share ``1 − q`` of
-their unit values is clipped, by little); a trigger's out-of-range activations are cut back.
+activation is clamped into its unit's range. Measured on the BadEncoder ``fmnist-tiny`` encoder
+(benchmarks/results/defense_purifier.md): the trigger does not push units beyond the *extremes* of clean
+data (``q = 0.999`` leaves ASR near 90%), but it does push many of them beyond their *typical* range,
+so the default is ``q = 0.9`` on every stage at feature granularity — clean inputs lose little (each
+clipped value moves by a small amount), triggered inputs lose the coordinated excess the backdoor needs.
 
-**Purifier+** (``purifier-plus``): Purifier's operator is not public beyond "boost important activation
-patterns, suppress unimportant ones"; ours, chosen by measurement (benchmarks/purifier_table.py):
+**Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
+importance, boost the important, suppress the unimportant"; ours:
 
-1. *Importance rating*: first-order Taylor estimate of how much the clean representation depends on
+1. *Importance rating*: a first-order Taylor estimate of how much the clean representation depends on
    each unit, ``r_u = E_x |Σ_{e∈u} a_e · ∂‖f(x)‖/∂a_e|`` — the change of the feature along its own
-   direction if the unit were removed (one backward pass for all units).
-2. *Suppress* the ``suppress`` share of units with the lowest rating: gain ``suppress_gain``. Units
-   clean data hardly needs are where a backdoor can live without costing utility (the premise of
-   fine-pruning); they are silenced whatever their range.
-3. *Boost* the rest by one factor that restores the layer's mean clean activation mass lost to the
-   suppression, so the next layer sees inputs at the scale its BatchNorm statistics expect.
-4. *Align* every unit into its clean range, as Purifier does.
+   direction if the unit were removed (one backward pass rates all units).
+2. *Importance-dependent ranges*: a unit's quantile rises linearly with its importance rank from
+   ``quantile_low`` (least important: tight range, strong suppression of excursions) to ``quantile``
+   (most important: loose range, its clean variation kept).
+3. Optionally (``suppress`` > 0) the least important share is scaled by ``suppress_gain`` and the rest
+   boosted by one factor that restores the layer's mean clean activation mass, so the next layer sees
+   inputs at the scale its BatchNorm statistics expect.
 """
 
 from __future__ import annotations
@@ -70,13 +73,6 @@ def _units(plugin: ActivationAlignment, x: Tensor) -> Tensor:
     return plugin.unit_values(x).flatten(1)
 
 
-def _quantiles(values: Tensor, q: float) -> tuple[Tensor, Tensor]:
-    """Per column of ``values`` (N, U): the ``1 − q`` and ``q`` quantiles (by sorting; any N)."""
-    s = values.sort(dim=0).values
-    n = len(s) - 1
-    return s[int(round((1 - q) * n))], s[int(round(q * n))]
-
-
 class Purifier:
     """Args:
         granularity: ``channel``, ``cube`` or ``feature``.
@@ -93,9 +89,10 @@ class Purifier:
         self,
         granularity: str = "feature",
         taps: Sequence[str] = ("layer4",),
-        quantile: float = 0.999,
+        quantile: float = 0.9,
+        quantile_low: float = 0.8,
         plus: bool = False,
-        suppress: float = 0.2,
+        suppress: float = 0.0,
         suppress_gain: float = 0.0,
         samples: int | None = None,
         batch_size: int = 500,
@@ -103,14 +100,15 @@ class Purifier:
         device: str = "cpu",
     ) -> None:
         unit_shape(granularity, 1, 1)  # validates
-        if not 0.5 < quantile <= 1:
-            raise ValueError(f"quantile must be in (0.5, 1], got {quantile}")
+        if not 0.5 < quantile_low <= quantile <= 1:
+            raise ValueError(f"need 0.5 < quantile_low <= quantile <= 1, got {quantile_low} and {quantile}")
         if not 0 <= suppress < 1 or suppress_gain < 0:
             raise ValueError("suppress must be in [0, 1) and suppress_gain >= 0")
         bad = [t for t in taps if t not in TAP_NAMES]
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
         self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
+        self.quantile_low = quantile_low
         self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
         self.seed, self.device = seed, device
 
@@ -118,9 +116,16 @@ class Purifier:
         return {k: v for k, v in vars(self).items() if k != "device"}
 
     @torch.no_grad()
-    def _fit_ranges(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> dict[str, Any]:
+    def _fit_ranges(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment,
+                    rank: Tensor | None = None) -> dict[str, Any]:
+        """Clean ranges per unit: the ``[1 − q, q]`` quantiles, with ``q`` from ``quantile_low`` (rank 0, least
+        important) to ``quantile`` (rank 1) when an importance ``rank`` is given, else ``quantile`` for all."""
         values = torch.cat([_units(plugin, m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])
-        lo, hi = _quantiles(values, self.quantile)
+        q = torch.full((values.shape[1],), self.quantile) if rank is None else self.quantile_low + (self.quantile - self.quantile_low) * rank
+        s = values.sort(dim=0).values
+        n = len(s) - 1
+        hi = s.gather(0, (q * n).round().long().unsqueeze(0)).squeeze(0)
+        lo = s.gather(0, ((1 - q) * n).round().long().unsqueeze(0)).squeeze(0)
         plugin.lo.copy_(lo.view_as(plugin.lo))
         plugin.hi.copy_(hi.view_as(plugin.hi))
         clipped = ((values < lo) | (values > hi)).float().mean().item()
@@ -128,6 +133,8 @@ class Purifier:
 
     def _importance(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> Tensor:
         """Taylor rating per unit: ``E |Σ_{e∈u} a_e ∂‖f‖/∂a_e|`` on clean images."""
+        for p in encoder.parameters():
+            p.requires_grad_(True)
         total = torch.zeros(plugin.lo.numel())
         for fmap, final in _stage_outputs(encoder, images, tap, self.batch_size, grad=True):
             final.norm(dim=1).sum().backward()
@@ -140,6 +147,8 @@ class Purifier:
                 per_unit = contrib.flatten(1)
             total += per_unit.abs().sum(0)
             encoder.zero_grad(set_to_none=True)
+        for p in encoder.parameters():
+            p.requires_grad_(False)
         return total / len(images)
 
     def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:
@@ -161,30 +170,28 @@ class Purifier:
             plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side)
             enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
             t_tap = time.perf_counter()
-            stats = self._fit_ranges(enc, images, tap, plugin)
+            rating = self._importance(enc, images, tap, plugin) if self.plus else None
+            rank = None if rating is None else rating.argsort().argsort().float() / max(1, len(rating) - 1)
+            stats = self._fit_ranges(enc, images, tap, plugin, rank)
             mean_abs = stats.pop("mean_abs")
-            if self.plus and self.suppress > 0:
-                stats.update(self._rate_and_gain(enc, images, tap, plugin, mean_abs))
+            if rating is not None and self.suppress > 0:
+                stats.update(self._gains(rating, plugin, mean_abs))
             stats["seconds"] = time.perf_counter() - t_tap
             layers[tap] = stats
         report = {"hparams": self.hparams(), "data": {**data.usage(), "images_used": len(images)}, "layers": layers,
                   "wall_seconds_this_session": time.perf_counter() - t0}
         return DefenseResult(enc, report)
 
-    def _rate_and_gain(self, enc: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment, mean_abs: Tensor) -> dict[str, Any]:
-        for p in enc.parameters():
-            p.requires_grad_(True)
-        rating = self._importance(enc, images, tap, plugin)
-        for p in enc.parameters():
-            p.requires_grad_(False)
+    def _gains(self, rating: Tensor, plugin: ActivationAlignment, mean_abs: Tensor) -> dict[str, Any]:
         k = int(self.suppress * len(rating))
         low = rating.argsort()[:k]
-        gain = torch.ones_like(rating)
-        gain[low] = self.suppress_gain
+        keep = torch.ones(len(rating), dtype=torch.bool)
+        keep[low] = False
+        gain = torch.where(keep, 1.0, self.suppress_gain)
         mass = mean_abs if len(mean_abs) == len(rating) else torch.ones_like(rating)
         kept = (mass * gain).sum()
-        boost = float(mass.sum() / kept) if kept > 0 else 1.0
-        gain[gain == 1] = boost
+        boost = float((mass.sum() - (mass * gain)[~keep].sum()) / mass[keep].sum()) if kept > 0 else 1.0
+        gain[keep] = boost
         plugin.gain.copy_(gain.view_as(plugin.gain))
         return {"suppressed": k, "boosted": len(rating) - k, "boost": boost,
                 "rating_share_suppressed": float(rating[low].sum() / rating.sum().clamp_min(1e-12))}

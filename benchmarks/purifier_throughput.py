@@ -1,0 +1,64 @@
+"""Inference cost of Purifier's plug-ins: images/s of a purified encoder vs the same encoder without them.
+
+Usage: python benchmarks/purifier_throughput.py --original runs/bad/encoder.safetensors \
+           --purified runs/purifier/encoder.safetensors [--purified runs/pp/encoder.safetensors ...]
+
+Times ``encoder(x)`` on batches of 512 Fashion-MNIST test images (no grad, eval mode), alternating the
+encoders round by round so that machine noise hits them alike; reports the median over rounds.
+Writes benchmarks/results/purifier_throughput.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from encoder_guard.data import load_dataset  # noqa: E402
+from encoder_guard.encoders import load_encoder  # noqa: E402
+
+
+@torch.no_grad()
+def seconds(encoder, batches) -> float:
+    t0 = time.perf_counter()
+    for b in batches:
+        encoder(b)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--original", required=True)
+    ap.add_argument("--purified", action="append", required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--images", type=int, default=4096)
+    args = ap.parse_args()
+    encoders = {"original": load_encoder(args.original).eval()}
+    for p in args.purified:
+        encoders[p] = load_encoder(p).eval()
+    x = load_dataset("fashion-mnist", "test").images[: args.images].float().div(255)
+    batches = list(x.split(512))
+    for enc in encoders.values():
+        seconds(enc, batches[:2])  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in encoders}
+    for _ in range(args.rounds):
+        for k, enc in encoders.items():
+            times[k].append(seconds(enc, batches))
+    base = statistics.median(times["original"])
+    rows = [{"encoder": k, "plugins": list(encoders[k].spec.plugins), "images_per_second": len(x) / statistics.median(v),
+             "ratio_to_original": base / statistics.median(v)} for k, v in times.items()]
+    lines = [f"## Inference throughput, {len(x)} images in batches of 512, median of {args.rounds} rounds, "
+             f"{torch.get_num_threads()} threads", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
+    lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} | {r['ratio_to_original']:.2f} |" for r in rows]
+    write_result("purifier_throughput", {"rows": rows, "rounds": args.rounds, "images": len(x)}, lines)
+
+
+if __name__ == "__main__":
+    main()
