@@ -205,6 +205,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
+def _add_method_parser(sub: Any, command: str, help_: str, name_help: str, default_config: str,
+                       func: Callable[[argparse.Namespace], int]) -> None:
+    """``encoder-guard attack|defend NAME --encoder CKPT [--config] [--set ...] --out RUN [--resume]``."""
+    sp = sub.add_parser(command, help=help_)
+    sp.add_argument("name", help=name_help)
+    _add_encoder_args(sp)
+    sp.add_argument("--config", default=None, help=f"preset name or YAML path (default: {default_config})")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true")
+    sp.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="encoder-guard", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,23 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_evaluate)
 
-    sp = sub.add_parser("attack", help="backdoor an encoder (BadEncoder)")
-    sp.add_argument("name", help="attack name (badencoder)")
-    _add_encoder_args(sp)
-    sp.add_argument("--config", default=None, help="preset name or YAML path (default: <name>-fmnist)")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true")
-    sp.set_defaults(func=cmd_attack)
-
-    sp = sub.add_parser("defend", help="defend an encoder (mimic, finetune, distill, nad, purifier, ...)")
-    sp.add_argument("name", help="defense name")
-    _add_encoder_args(sp)
-    sp.add_argument("--config", default=None, help="preset name or YAML path (default: configs/defend/<name>.yaml)")
-    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true")
-    sp.set_defaults(func=cmd_defend)
+    _add_method_parser(sub, "attack", "backdoor an encoder (BadEncoder)", "attack name (badencoder)",
+                       "<name>-fmnist", cmd_attack)
+    _add_method_parser(sub, "defend", "defend an encoder (mimic, finetune, distill, nad, purifier, purifier-plus)",
+                       "defense name", "configs/defend/<name>.yaml", cmd_defend)
 
     sp = sub.add_parser("analyze", help="diagnostics of an encoder")
     asub = sp.add_subparsers(dest="analyze_command", required=True)
