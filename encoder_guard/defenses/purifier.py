@@ -44,28 +44,19 @@ from torch import Tensor
 
 from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
 from encoder_guard.encoders import Encoder
-from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
+from encoder_guard.encoders.encoder import TAP_NAMES
 from encoder_guard.encoders.plugins import ActivationAlignment, unit_shape
 
 
 def _stage_outputs(encoder: Encoder, images: Tensor, tap: str, batch_size: int, grad: bool = False):
-    """Yield ``(batch output map, pooled final features)`` of ``tap`` over ``images`` (float [0, 1])."""
-    module = encoder.backbone.get_submodule(TAP_MODULES[TAP_NAMES.index(tap)])
+    """Yield ``(tap output map, pooled final features)`` over ``images`` (float [0, 1]); the map is what
+    follows the tap's plug-in, and keeps its gradient when ``grad``."""
     for batch in images.split(batch_size):
-        store: dict[str, Tensor] = {}
-
-        def keep(_m, _i, out):
-            if grad:
-                out.retain_grad()
-            store["map"] = out
-
-        handle = module.register_forward_hook(keep)  # the plug-in hook (registered earlier) ran first
-        try:
-            with torch.set_grad_enabled(grad):
-                final = encoder(batch)
-        finally:
-            handle.remove()
-        yield store["map"], final
+        with torch.set_grad_enabled(grad):
+            final, (fmap,) = encoder.forward_intermediates(batch, [tap])
+        if grad:
+            fmap.retain_grad()
+        yield fmap, final
 
 
 def _units(plugin: ActivationAlignment, x: Tensor) -> Tensor:

@@ -64,13 +64,13 @@ def layer_mutual_information(
     if pool < 1:
         raise ValueError(f"pool must be >= 1, got {pool}")
     final, maps = tap_samples(encoder, images, taps, pool)
-    names = [encoder.feature_info[i]["name"] for i in encoder.tap_indices(taps)]
     out = []
-    for name, m, info in zip(names, maps, (encoder.feature_info[i] for i in encoder.tap_indices(taps))):
+    for m, i in zip(maps, encoder.tap_indices(taps)):
+        info = encoder.feature_info[i]
         t0 = time.perf_counter()
         value = estimator.estimate(m, final)
         side = int(round(encoder.spec.input_size / info["reduction"]))
-        out.append(LayerMI(name, info["num_chs"], side, m.shape[1], value, time.perf_counter() - t0))
+        out.append(LayerMI(info["name"], info["num_chs"], side, m.shape[1], value, time.perf_counter() - t0))
     return out
 
 
