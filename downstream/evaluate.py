@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
+import torch
 from torch import Tensor
 
 from encoder_guard.data import ImageDataset
@@ -14,6 +15,9 @@ from downstream.features import cached_features
 from downstream.knn import knn_predict
 from downstream.linear import fit_linear_probe
 from downstream.metrics import accuracy, attack_success_rate, robust_accuracy
+
+if TYPE_CHECKING:
+    from downstream.classifier import Classifier
 
 
 @dataclass
@@ -86,4 +90,29 @@ def evaluate_encoder(
             ra_knn=robust_accuracy(trig_knn, test.labels, target),
         )
     out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def evaluate_classifier(
+    clf: "Classifier",
+    test: ImageDataset,
+    trigger: Callable[[Tensor], Tensor] | None = None,
+    trigger_key: str | None = None,
+    target: int | None = None,
+    cache: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """CA of a downstream classifier (encoder + head) on ``test``; with a trigger, its ASR and RA."""
+    digest = clf.encoder.digest() if cache else None
+    with torch.no_grad():
+        pred = clf.head(cached_features(clf.encoder, test, cache=cache, device=device, digest=digest)).argmax(1)
+        out: dict[str, Any] = {"ca": accuracy(pred, test.labels), "test_size": len(test)}
+        if trigger is not None:
+            if target is None:
+                raise ValueError("a trigger needs a target class for ASR")
+            f = cached_features(clf.encoder, test, trigger_key or repr(trigger), trigger, cache=cache, device=device,
+                                digest=digest)
+            pred_t = clf.head(f).argmax(1)
+            out.update(target=int(target), asr=attack_success_rate(pred_t, test.labels, target),
+                       ra=robust_accuracy(pred_t, test.labels, target))
     return out

@@ -103,6 +103,17 @@ class Encoder(nn.Module):
         by_index = dict(zip(order, maps))
         return final.mean(dim=(2, 3)), [by_index[i] for i in idx]
 
+    def forward_from(self, tap: str, h: Tensor) -> Tensor:
+        """Pooled features from the output ``h`` of stage ``tap`` (the stages after it, plug-ins included).
+
+        Lets a defense that changes only the last stages train on cached activations at ``tap``.
+        """
+        i = self.tap_indices([tap])[0]
+        names = ("maxpool",) + TAP_MODULES[1:] if i == 0 else TAP_MODULES[i + 1 :]
+        for name in names:
+            h = self.backbone.get_submodule(name)(h)
+        return h.mean(dim=(2, 3))
+
     @staticmethod
     def tap_indices(indices: Sequence[int | str] | None) -> list[int]:
         if indices is None:
