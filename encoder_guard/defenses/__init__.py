@@ -1,6 +1,6 @@
-"""Defenses: one registry, one contract (``run(encoder, data, out, resume) -> DefenseResult``)."""
+"""Defenses: one registry, two contracts by level (``encoder`` or ``classifier``, see ``defenses.base``)."""
 
-from encoder_guard.defenses import mimic, purifier  # noqa: F401  (register mimic, finetune, distill, nad, purifier, purifier-plus)
-from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
+from encoder_guard.defenses import anp, clp, d3, fine_pruning, mimic, padft, purifier, tac  # noqa: F401  (register the defenses)
+from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult, DownstreamData, defense_level
 
-__all__ = ["DEFENSES", "DefenseData", "DefenseResult"]
+__all__ = ["DEFENSES", "DefenseData", "DefenseResult", "DownstreamData", "defense_level"]

@@ -1,7 +1,9 @@
-"""Run a registered defense in a run directory: clean data, the defense, the defended checkpoint, a report.
+"""Run a registered defense in a run directory: its data, the defense, the defended checkpoint, a report.
 
 Writes ``RUN/encoder.safetensors`` (loads like any other checkpoint), ``RUN/report.json`` (what the defense
-did, the clean data it used, wall time) and the usual ``RUN/config.yaml`` and ``RUN/log.txt``.
+did, the data it used, wall time) and the usual ``RUN/config.yaml`` and ``RUN/log.txt``. A classifier-level
+defense (``level = "classifier"``) also writes ``RUN/head.safetensors``, and its report holds the
+classifier's CA and ASR before and after (``downstream`` config section, see ``defenses.downstream``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from encoder_guard.checkpointing import check_run_dir
 from encoder_guard.data import load_dataset
 from encoder_guard.data.subsets import take_subset
-from encoder_guard.defenses.base import DEFENSES, DefenseData
+from encoder_guard.defenses.base import DEFENSES, DefenseData, defense_level
 from encoder_guard.encoders import Encoder, save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import RunDir
@@ -41,18 +43,25 @@ def defense_data(cfg: dict[str, Any], encoder: Encoder, seed: int) -> DefenseDat
 
 def run_defense(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
     out = Path(out)
-    if (out / "encoder.safetensors").exists() and not resume:
-        raise EncoderGuardError(f"{out} already holds a defended encoder; choose another --out")
+    # a classifier-level run is finished once its report is written (it saves the classifier just before)
+    done = out / ("report.json" if defense_level(name) == "classifier" else "encoder.safetensors")
+    if done.exists() and not resume:
+        raise EncoderGuardError(f"{out} already holds a defended model; choose another --out")
     check_run_dir(out, out / "checkpoints", resume)
     run = RunDir(out, cfg)
     seed = int(cfg.get("seed", 0))
     train = cfg.get("train") or {}
     if train.get("threads"):
         torch.set_num_threads(int(train["threads"]))
-    data = defense_data(cfg, encoder, seed)
     defense = DEFENSES.get(name)(**(cfg.get("defense") or {}), seed=seed, device=train.get("device", "cpu"))
-    run.logger.info(f"defend {name} → {out}: {len(data.clean):,} clean images "
-                    f"({data.usage()['share_of_pretraining_set']:.1%} of {data.clean.name}/{data.clean.split})")
+    if defense_level(name) == "classifier":
+        return _run_classifier_defense(name, defense, cfg, encoder, out, run, resume)
+    data = defense_data(cfg, encoder, seed) if getattr(defense, "uses_clean", True) else DefenseData(None, 0)
+    if data.clean is None:
+        run.logger.info(f"defend {name} → {out}: data-free")
+    else:
+        run.logger.info(f"defend {name} → {out}: {len(data.clean):,} clean images "
+                        f"({data.usage()['share_of_pretraining_set']:.1%} of {data.clean.name}/{data.clean.split})")
     t0 = time.perf_counter()
     result = defense.run(encoder, data, out, resume)
     wall = time.perf_counter() - t0
@@ -62,3 +71,29 @@ def run_defense(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, res
     run.write_json("report.json", report)
     run.logger.info(f"defended encoder → {out / 'encoder.safetensors'} ({wall:.0f} s)")
     return report
+
+
+def _run_classifier_defense(name: str, defense: Any, cfg: dict[str, Any], encoder: Encoder, out: Path, run: RunDir,
+                            resume: bool) -> dict[str, Any]:
+    from downstream.classifier import save_classifier
+    from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup
+
+    seed = int(cfg.get("seed", 0))
+    ds = downstream_setup(cfg, encoder, seed, clean=getattr(defense, "uses_clean", True))
+    clf = deployed_classifier(cfg, encoder, ds, seed)
+    before = ds.evaluate(clf)
+    run.logger.info(f"defend {name} → {out}: classifier before: {_summary(before)}; data {ds.data.usage()}")
+    t0 = time.perf_counter()
+    result = defense.run(clf, ds.data, out, resume)
+    wall = time.perf_counter() - t0
+    after = ds.evaluate(result.encoder)
+    save_classifier(result.encoder, out)
+    report = {"defense": name, **result.report, "before": before, "after": after, **compare_metrics(before, after),
+              "wall_seconds": wall}
+    run.write_json("report.json", report)
+    run.logger.info(f"after: {_summary(after)} ({wall:.0f} s) → {out / 'head.safetensors'}")
+    return report
+
+
+def _summary(m: dict[str, Any]) -> str:
+    return f"CA {m['ca']:.2%}" + (f", ASR {m['asr']:.2%}" if "asr" in m else "")

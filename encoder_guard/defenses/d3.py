@@ -1,0 +1,114 @@
+"""D3: distance-driven detoxification of a downstream classifier.
+
+- [0] D3: Distance-Driven Detoxification, arXiv 2411.09585
+
+A backdoor lives in weight directions that clean data does not constrain: the clean task only pins
+down the weights' projection on what clean inputs exercise. D3 therefore pushes the chosen weights as
+far as it can from their (possibly poisoned) values while holding the clean loss of every clean sample
+under a bound ε:
+
+    minimise  λ · mean_i ReLU(CE_i − ε)  −  ‖W − W⁰‖₂,     then rescale each weight tensor to ‖W⁰‖,
+
+so the weights rotate rather than grow (growth would be a cheap way to move far without changing the
+function). Labels of a small clean set (5% by default) are what it needs; nothing about the trigger.
+
+Weights: ``layers = head`` changes only the linear head (the classifier's last layer); a tap name
+(e.g. ``layer3``) also changes every stage after it. ε is ``epsilon`` if given, else
+``epsilon_scale`` × the classifier's mean clean loss before the defense.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import trange
+
+from downstream.classifier import Classifier
+from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.tail import Tail
+from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+
+
+@DEFENSES.register("d3")
+class D3:
+    """Args:
+        layers: ``head`` or the tap after which every stage (and the head) is detoxified.
+        epsilon: the per-sample clean-loss bound (``None``: ``epsilon_scale`` × initial mean clean loss).
+        epsilon_scale: see ``epsilon``.
+        penalty: λ, the weight of the clean-loss violation.
+        steps / lr / batch_size: Adam on the objective above, minibatches of the clean set.
+        per_sample: bound every sample's loss (hinge per sample) instead of the mean.
+        dual_lr: step of the dual ascent that raises λ while the mean clean loss exceeds ε.
+        recover_steps: clean-loss steps after the distance phase (0: none).
+    """
+
+    level = "classifier"
+
+    def __init__(self, layers: str = "layer3", epsilon: float | None = None, epsilon_scale: float = 1.0,
+                 penalty: float = 1.0, steps: int = 500, lr: float = 0.005, batch_size: int = 256, per_sample: bool = False,
+                 dual_lr: float = 10.0, recover_steps: int = 200, seed: int = 0, device: str = "cpu") -> None:
+        if penalty <= 0 or steps < 1 or lr <= 0:
+            raise ValueError("penalty, steps and lr must be positive")
+        self.layers, self.epsilon, self.epsilon_scale, self.penalty = layers, epsilon, epsilon_scale, penalty
+        self.steps, self.lr, self.batch_size, self.seed, self.device = steps, lr, batch_size, seed, device
+        self.per_sample, self.dual_lr, self.recover_steps = per_sample, dual_lr, recover_steps
+
+    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+        if data.clean is None or len(data.clean) == 0:
+            raise EncoderGuardError("D3 needs a small clean labelled set; set data.clean_fraction (default 0.05)")
+        t0 = time.perf_counter()
+        clf = copy.deepcopy(clf)
+        tail = Tail(clf, self.layers)
+        h, y = tail.inputs(data.clean.images), data.clean.labels.long()
+        tail.freeze_rest()
+        weights = list(tail.parameters(weights_only=True))
+        initial = [w.detach().clone() for w in weights]
+        norms = [w.norm() for w in initial]
+        total_norm = torch.sqrt(sum(w0.pow(2).sum() for w0 in initial))
+        penalty = self.penalty
+        with torch.no_grad():
+            loss0 = float(F.cross_entropy(tail.logits(h), y))
+        eps = self.epsilon if self.epsilon is not None else self.epsilon_scale * loss0
+        opt = torch.optim.Adam(list(tail.parameters()), lr=self.lr)
+        g = torch.Generator().manual_seed(self.seed)
+        bar = trange(self.steps, desc="D3", unit="step", mininterval=1.0, leave=False)
+        for _ in bar:
+            idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
+            ce = F.cross_entropy(tail.logits(h[idx]), y[idx], reduction="none")
+            dist = torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
+            violation = F.relu(ce - eps).mean() if self.per_sample else F.relu(ce.mean() - eps)
+            loss = penalty * violation - dist
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError("D3's objective became NaN/inf; lower d3 lr (defense.lr)")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for w, n in zip(weights, norms):
+                    w.mul_(n / w.norm().clamp_min(1e-12))
+            penalty = max(0.0, penalty + self.dual_lr * float(ce.detach().mean() - eps))  # dual ascent on λ
+            bar.set_postfix(ce=f"{ce.mean().item():.3f}", dist=f"{dist.item():.2f}")
+        for _ in range(self.recover_steps):  # clean-loss descent from the far point, norms still fixed
+            idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
+            loss = F.cross_entropy(tail.logits(h[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for w, n in zip(weights, norms):
+                    w.mul_(n / w.norm().clamp_min(1e-12))
+        with torch.no_grad():
+            loss1 = float(F.cross_entropy(tail.logits(h), y))
+            rel = float(torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
+                        / torch.sqrt(sum(w0.pow(2).sum() for w0 in initial)))
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
+                  "epsilon": eps, "clean_loss_before": loss0, "clean_loss_after": loss1,
+                  "relative_weight_distance": rel, "weights": sum(w.numel() for w in weights),
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(clf, report)

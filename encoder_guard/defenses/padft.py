@@ -1,0 +1,175 @@
+"""PAD-FT: purify the downstream training set, clip activations, fine-tune the last layer.
+
+- [0] PAD-FT: A Lightweight Defense for Backdoor Attacks via Data Purification and Fine-Tuning,
+  Xu, Gu & Sakurai, arXiv 2409.12072
+
+No clean data beyond the (possibly poisoned) training set the classifier was trained on:
+
+1. **Self-purification.** A fresh linear scorer is fitted on the training set's frozen features with the
+   symmetric cross-entropy (SCE = α·CE + β·RCE, Wang et al., ICCV 2019). RCE's loss is bounded
+   (``−log 0`` clipped to ``A``), so relabelled poisoned samples cannot pull the scorer toward the trigger
+   the way plain CE does; they keep a high SCE. Per class, the ``keep`` share with the lowest SCE is
+   kept as most-likely clean.
+2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
+   quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
+   what clean data ever shows is cut at the edge.
+3. **Last-layer fine-tuning** on the kept samples, with the clamp in place: CE plus a consistency term
+   (KL between predictions on a feature and on the same feature under dropout-like masking), which
+   keeps the new head from leaning on a few dimensions. Weight decay shrinks what the kept data does
+   not support — the directions the poisoned samples alone had asked for.
+
+The report gives the selection's precision and recall when the experiment knows the poisoned indices.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import trange
+
+from downstream.classifier import Classifier
+from downstream.features import cached_features
+from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.downstream import selection_quality
+from encoder_guard.errors import TrainingDivergedError
+
+
+def symmetric_cross_entropy(logits: Tensor, y: Tensor, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> Tensor:
+    """Per-sample ``α·CE + β·RCE``; RCE = ``−Σ_k p_k log q_k`` with the one-hot ``q`` (``log 0 = log_zero``),
+    i.e. ``−log_zero · (1 − p_y)``."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p_y = logits.softmax(1).gather(1, y[:, None]).squeeze(1)
+    return alpha * ce + beta * (-log_zero) * (1 - p_y)
+
+
+def sce_logits(feats: Tensor, y: Tensor, num_classes: int, epochs: int = 1, lr: float = 0.01, batch_size: int = 512,
+               alpha: float = 0.1, beta: float = 1.0, seed: int = 0, fit: Tensor | None = None) -> Tensor:
+    """Logits of every sample under a linear scorer trained with SCE on ``(feats, y)`` (standardised inside;
+    trained on the samples ``fit`` only when given)."""
+    x = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+    xf, yf = (x, y) if fit is None else (x[fit], y[fit])
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=g)
+        layer.bias.zero_()
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xf), generator=g).split(batch_size):
+            loss = symmetric_cross_entropy(layer(xf[idx]), yf[idx], alpha, beta).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return layer(x)
+
+
+def sce_scores(feats: Tensor, y: Tensor, num_classes: int, epochs: int = 1, lr: float = 0.01, batch_size: int = 512,
+               alpha: float = 0.1, beta: float = 1.0, seed: int = 0) -> Tensor:
+    """SCE of every sample under a linear scorer trained with SCE on all of ``(feats, y)``."""
+    logits = sce_logits(feats, y, num_classes, epochs, lr, batch_size, alpha, beta, seed)
+    return symmetric_cross_entropy(logits, y, alpha, beta)
+
+
+def keep_lowest(scores: Tensor, y: Tensor, share: float) -> Tensor:
+    """Sorted indices of the ``share`` of each class with the lowest scores."""
+    kept = []
+    for c in y.unique():
+        members = (y == c).nonzero().flatten()
+        n = max(1, round(share * len(members)))
+        kept.append(members[scores[members].argsort()[:n]])
+    return torch.cat(kept).sort().values
+
+
+@DEFENSES.register("pad-ft")
+class PADFT:
+    """Args:
+        keep: share of each class kept as most-likely clean.
+        score_epochs / score_lr: the SCE scorer's training (Adam, minibatches of 512).
+        sce_alpha / sce_beta: SCE's CE and RCE weights.
+        clip_quantile: activation bounds from the kept features' ``[1 − q, q]`` quantiles (1.0: min/max;
+            ``None``: no clipping).
+        epochs / lr / weight_decay / batch_size: fine-tuning of the last layer (Adam).
+        consistency: weight of the consistency term; ``mask``: share of dimensions masked for it.
+        reinit: start the last layer from zero instead of the deployed weights.
+        second_pass: keep, instead, every sample whose label a second scorer — trained only on the first
+            selection — predicts. A share per class cannot be right for the target class (relabelled samples
+            inflate it), and the lowest-loss share alone starves the head of hard clean samples.
+    """
+
+    level = "classifier"
+    uses_clean = False
+
+    def __init__(self, keep: float = 0.5, score_epochs: int = 1, score_lr: float = 0.01, sce_alpha: float = 0.1,
+                 sce_beta: float = 1.0, clip_quantile: float | None = 0.999, epochs: int = 20, lr: float = 0.01,
+                 weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 1.0, mask: float = 0.2,
+                 reinit: bool = False, second_pass: bool = True, seed: int = 0, device: str = "cpu") -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if clip_quantile is not None and not 0.5 < clip_quantile <= 1:
+            raise ValueError(f"clip_quantile must be in (0.5, 1] or null, got {clip_quantile}")
+        self.keep, self.score_epochs, self.score_lr, self.sce_alpha, self.sce_beta = keep, score_epochs, score_lr, sce_alpha, sce_beta
+        self.clip_quantile, self.epochs, self.lr, self.weight_decay = clip_quantile, epochs, lr, weight_decay
+        self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
+        self.second_pass, self.seed, self.device = second_pass, seed, device
+
+    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+        t0 = time.perf_counter()
+        clf = copy.deepcopy(clf).eval()
+        feats = cached_features(clf.encoder, data.train, device=self.device)
+        y = data.train.labels.long()
+        kw = dict(epochs=self.score_epochs, lr=self.score_lr, batch_size=self.batch_size, alpha=self.sce_alpha,
+                  beta=self.sce_beta, seed=self.seed)
+        kept = keep_lowest(sce_scores(feats, y, clf.num_classes, **kw), y, self.keep)
+        first = len(kept)
+        if self.second_pass:  # a scorer that never saw the removed samples decides on every sample
+            kept = (sce_logits(feats, y, clf.num_classes, fit=kept, **kw).argmax(1) == y).nonzero().flatten()
+        head = clf.head
+        f, yk = feats[kept], y[kept]
+        with torch.no_grad():
+            if self.clip_quantile is not None:
+                ordered = f.sort(0).values  # torch.quantile refuses inputs over 16M elements
+                k = round((len(f) - 1) * (1 - self.clip_quantile))
+                lo, hi = ordered[k], ordered[len(f) - 1 - k]
+                head.lo.copy_(lo)
+                head.hi.copy_(hi)
+            if self.reinit:
+                head.linear.weight.zero_()
+                head.linear.bias.zero_()
+        # fine-tune on standardised clamped features (one lr and weight decay for any encoder), then fold back
+        x = head.clamp(f)
+        mu, sd = head.feature_stats(x)
+        x = (x - mu) / sd
+        layer = head.standardised(mu, sd)
+        opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        g = torch.Generator().manual_seed(self.seed)
+        bar = trange(self.epochs, desc="PAD-FT", unit="epoch", leave=False, mininterval=1.0)
+        for _ in bar:
+            total = 0.0
+            for idx in torch.randperm(len(x), generator=g).split(self.batch_size):
+                logits = layer(x[idx])
+                loss = F.cross_entropy(logits, yk[idx])
+                if self.consistency > 0:
+                    masked = layer(x[idx] * (torch.rand(x[idx].shape, generator=g) >= self.mask))
+                    loss = loss + self.consistency * F.kl_div(masked.log_softmax(1), logits.softmax(1).detach(),
+                                                              reduction="batchmean")
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError("PAD-FT's fine-tuning loss became NaN/inf; lower defense.lr")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{total / len(x):.4f}")
+        head.load_standardised(layer, mu, sd)
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
+                  "selection": selection_quality(kept, data.poisoned, len(y)), "first_selection": first,
+                  "clipped_dims": int(torch.isfinite(head.lo).sum()),
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(clf, report)

@@ -1,0 +1,307 @@
+"""Classifier-level defenses (D3, PAD-FT): their pieces, their runs, the runner and `encoder-guard defend`."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from downstream.classifier import Classifier, fit_classifier, load_classifier, save_classifier
+from encoder_guard.attacks.poison import poison_downstream
+from encoder_guard.cli import main
+from encoder_guard.config import load_config
+from encoder_guard.data import make_synthetic, take_subset
+from encoder_guard.defenses import DEFENSES, defense_level
+from encoder_guard.defenses.base import DownstreamData
+from encoder_guard.defenses.d3 import D3
+from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup, selection_quality
+from encoder_guard.defenses.padft import PADFT, keep_lowest, sce_scores, symmetric_cross_entropy
+from encoder_guard.defenses.runner import run_defense
+from encoder_guard.defenses.tail import Tail
+from encoder_guard.encoders import Encoder, make_spec, save_encoder
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.triggers import PatchTrigger, save_trigger
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def trigger():
+    return PatchTrigger.square(16, 1, size=4)
+
+
+@pytest.fixture(scope="module")
+def poisoned(trigger):
+    """256 synthetic images, 10% BadNets-poisoned to class 0, and a clean labelled set held aside."""
+    train = make_synthetic(size=256, image_size=16, seed=0)
+    p = poison_downstream(train, trigger, 0, 0.1, seed=0)
+    clean = take_subset(make_synthetic(size=256, image_size=16, seed=0), 0.1, None, True, 1)
+    return p, clean
+
+
+@pytest.fixture(scope="module")
+def clf(encoder, poisoned) -> Classifier:
+    return fit_classifier(encoder, poisoned[0].dataset, cache=False)
+
+
+def test_classifier_defenses_are_registered_at_classifier_level():
+    for name in ("d3", "pad-ft", "tac"):
+        assert name in DEFENSES.names() and defense_level(name) == "classifier"
+    assert defense_level("mimic") == "encoder"
+
+
+# ---------------------------------------------------------------------------------------------- D3
+
+
+@pytest.mark.parametrize("layers", ["head", "layer3"])
+def test_d3_moves_the_weights_keeps_their_norms_and_reports(clf, poisoned, layers, tmp_path):
+    p, clean = poisoned
+    original = copy.deepcopy(clf.state_dict())
+    result = D3(layers=layers, steps=15, lr=0.01).run(clf, DownstreamData(p.dataset, clean, p.indices, 256), tmp_path)
+    out, report = result.encoder, result.report
+    assert isinstance(out, Classifier) and out is not clf
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, original[k]), f"D3 changed the input classifier: {k}"
+    assert report["relative_weight_distance"] > 0
+    assert math.isfinite(report["clean_loss_after"]) and report["clean_loss_before"] == pytest.approx(report["epsilon"])
+    assert report["data"]["clean_images"] == len(clean) and report["data"]["train_images"] == 256
+    assert report["hparams"]["layers"] == layers and report["wall_seconds_this_session"] >= 0
+    # per-tensor norms of the detoxified weights are kept (they rotate, not grow)
+    w_old = [p_.detach() for p_ in Tail(clf, layers).parameters(weights_only=True)]
+    w_new = [p_.detach() for p_ in Tail(out, layers).parameters(weights_only=True)]
+    assert sum(w.numel() for w in w_new) == report["weights"]
+    moved = 0.0
+    for a, b in zip(w_old, w_new):
+        assert b.norm() == pytest.approx(float(a.norm()), rel=1e-4)
+        moved += float((a - b).pow(2).sum())
+    total = sum(float(a.pow(2).sum()) for a in w_old)
+    assert math.sqrt(moved / total) == pytest.approx(report["relative_weight_distance"], rel=1e-3)
+    # the stages before the cut are untouched, and nothing is left trainable
+    for name in ("conv1", "layer1", "layer2") + (("layer3",) if layers == "layer3" else ()):
+        for k, v in clf.encoder.backbone.get_submodule(name).state_dict().items():
+            assert torch.equal(out.encoder.backbone.get_submodule(name).state_dict()[k], v), f"{name}.{k}"
+    assert not any(p_.requires_grad for p_ in out.parameters())
+
+
+def test_d3_needs_clean_labelled_data(clf, poisoned, tmp_path):
+    p, clean = poisoned
+    with pytest.raises(EncoderGuardError, match="clean labelled set"):
+        D3(steps=2).run(clf, DownstreamData(p.dataset, None), tmp_path)
+    with pytest.raises(EncoderGuardError, match="clean labelled set"):
+        D3(steps=2).run(clf, DownstreamData(p.dataset, clean.subset(torch.tensor([], dtype=torch.long))), tmp_path)
+    with pytest.raises(ValueError):
+        D3(steps=0)
+
+
+# ------------------------------------------------------------------------------------------ PAD-FT
+
+
+def test_symmetric_cross_entropy_on_a_hand_made_case():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]])
+    logits, y = p.log(), torch.tensor([0, 2])
+    ce = -torch.log(torch.tensor([0.7, 0.5]))
+    rce = torch.tensor([4 * 0.3, 4 * 0.5])  # 4·(1 − p_y) with log 0 = −4
+    assert torch.allclose(symmetric_cross_entropy(logits, y, alpha=0.0, beta=1.0), rce, atol=1e-6)
+    assert torch.allclose(symmetric_cross_entropy(logits, y, alpha=1.0, beta=0.0), ce, atol=1e-6)
+    assert torch.allclose(symmetric_cross_entropy(logits, y), 0.1 * ce + rce, atol=1e-6)  # defaults α=0.1, β=1
+    # RCE from its definition: −Σ_k p_k log q_k with the one-hot q and log 0 clipped to −6
+    q = F.one_hot(y, 3).float()
+    log_q = torch.where(q > 0, torch.zeros_like(q), torch.full_like(q, -6.0))
+    by_definition = -(p * log_q).sum(1)
+    assert torch.allclose(symmetric_cross_entropy(logits, y, alpha=0.0, log_zero=-6.0), by_definition, atol=1e-6)
+
+
+def test_keep_lowest_keeps_the_share_of_each_class():
+    y = torch.tensor([0] * 10 + [1] * 6 + [2] * 4)
+    scores = torch.arange(20, dtype=torch.float).flip(0)  # later samples score lower
+    kept = keep_lowest(scores, y, 0.3)
+    assert torch.equal(kept, kept.sort().values)
+    counts = torch.bincount(y[kept], minlength=3).tolist()
+    assert counts == [3, 2, 1]  # round(3.0), round(1.8), round(1.2)
+    assert kept.tolist() == [7, 8, 9, 14, 15, 19]  # the lowest scores within each class
+    assert torch.bincount(y[keep_lowest(scores, y, 0.01)]).tolist() == [1, 1, 1]  # at least one per class
+    assert torch.equal(keep_lowest(scores, y, 1.0), torch.arange(20))
+
+
+@pytest.mark.parametrize("dim", [2, 8])
+def test_sce_self_purification_drops_relabelled_samples(dim):
+    """Four clusters; 10% of the samples, from the other classes, relabelled to target 0 (far from its cluster)."""
+    g = torch.Generator().manual_seed(dim)
+    n, classes, target = 400, 4, 0
+    centers = torch.randn(classes, dim, generator=g)
+    centers = 6 * centers / centers.norm(dim=1, keepdim=True)
+    if dim == 2:
+        centers = 6 * torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    y_true = torch.arange(n) % classes
+    feats = centers[y_true] + torch.randn(n, dim, generator=g)
+    candidates = (y_true != target).nonzero().flatten()
+    bad = candidates[torch.randperm(len(candidates), generator=g)[: n // 10]]
+    y = y_true.clone()
+    y[bad] = target
+    scores = sce_scores(feats, y, classes, epochs=30, seed=0)
+    assert scores.shape == (n,) and torch.isfinite(scores).all()
+    kept = keep_lowest(scores, y, 0.5)
+    q = selection_quality(kept, bad, n)
+    assert q["poisoned"] == 40 and q["poison_recall"] >= 0.95 and q["clean_precision"] >= 0.95
+    assert scores[bad].mean() > scores[~torch.isin(torch.arange(n), bad)].mean()
+
+
+def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
+    p, _ = poisoned
+    result = PADFT(score_epochs=5, epochs=3).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
+    head, report = result.encoder.head, result.report
+    assert head.clipped and torch.isfinite(head.lo).all() and torch.isfinite(head.hi).all()
+    assert (head.lo <= head.hi).all() and report["clipped_dims"] == 128
+    assert not clf.head.clipped  # the deployed classifier is untouched
+    assert not torch.equal(head.linear.weight, clf.head.linear.weight)
+    sel = report["selection"]
+    assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
+    assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
+    assert 0 < sel["kept"] <= 256
+    one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
+    assert one_pass.report["selection"]["kept"] == pytest.approx(128, abs=2)
+    for key in ("clean_precision", "poison_recall", "removed_precision"):
+        assert 0 <= sel[key] <= 1
+    assert report["data"]["clean_images"] == 0
+    # without the experiment's knowledge of the poisoned indices, only the counts
+    plain = PADFT(score_epochs=2, epochs=1, clip_quantile=None).run(clf, DownstreamData(p.dataset, None), tmp_path)
+    assert set(plain.report["selection"]) == {"kept", "of"}
+    assert not plain.encoder.head.clipped and plain.report["clipped_dims"] == 0
+
+
+def test_padft_validates_its_arguments():
+    with pytest.raises(ValueError, match="keep"):
+        PADFT(keep=0)
+    with pytest.raises(ValueError, match="clip_quantile"):
+        PADFT(clip_quantile=0.4)
+
+
+# -------------------------------------------------------------------------------- defenses.downstream
+
+
+def test_selection_quality_on_a_hand_made_case():
+    kept = torch.tensor([2, 4, 5, 6, 7, 8])
+    poisoned = torch.tensor([0, 1, 2, 3])
+    q = selection_quality(kept, poisoned, 10)
+    assert q == {"kept": 6, "of": 10, "poisoned": 4, "poisoned_kept": 1, "clean_precision": pytest.approx(5 / 6),
+                 "poison_recall": 0.75, "removed_precision": 0.75}  # removed {0, 1, 3, 9}: three of them poisoned
+    assert selection_quality(kept, None, 10) == {"kept": 6, "of": 10}
+    assert selection_quality(kept, torch.tensor([], dtype=torch.long), 10) == {"kept": 6, "of": 10}
+
+
+def test_compare_metrics_gives_delta_ca_and_der():
+    out = compare_metrics({"ca": 0.9, "asr": 0.8}, {"ca": 0.85, "asr": 0.1})
+    assert out["delta_ca"] == pytest.approx(-0.05)
+    assert out["der"] == pytest.approx((0.7 - 0.05 + 1) / 2)
+    out = compare_metrics({"ca": 0.8, "asr": 0.2}, {"ca": 0.9, "asr": 0.5})  # better CA, worse ASR: no credit
+    assert out["der"] == pytest.approx(0.5) and out["delta_ca"] == pytest.approx(0.1)
+    assert compare_metrics({"ca": 0.9}, {"ca": 0.7}) == {"delta_ca": pytest.approx(-0.2)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, encoder, trigger):
+    d = tmp_path_factory.mktemp("files")
+    return save_encoder(encoder, d / "enc.safetensors"), save_trigger(trigger, d / "trigger.safetensors")
+
+
+def test_downstream_setup_poisons_holds_clean_data_aside_and_checks_its_input(encoder, files):
+    _, trig = files
+    cfg = {"downstream": {"dataset": "synthetic", "trigger": str(trig), "target": 0, "poison_rate": 0.1}}
+    ds = downstream_setup(cfg, encoder, seed=0)
+    assert len(ds.data.train) == 512 and len(ds.test) == 256 and ds.target == 0
+    assert len(ds.data.poisoned) == 51 and (ds.data.train.labels[ds.data.poisoned] == 0).all()
+    assert ds.data.clean is not None and 20 <= len(ds.data.clean) <= 30
+    assert downstream_setup(cfg, encoder, seed=0, clean=False).data.clean is None
+    bad = [({"trigger": str(trig)}, "needs downstream.target"),
+           ({"trigger": str(trig), "target": 7}, "not a class"),
+           ({"clean_fraction": 0.2}, "allow_more"),
+           ({"poison_rate": 0.1}, "needs downstream.trigger")]
+    for extra, message in bad:
+        with pytest.raises(EncoderGuardError, match=message):
+            downstream_setup({"downstream": {"dataset": "synthetic", **extra}}, encoder, seed=0)
+
+
+def test_deployed_classifier_loads_a_given_head(encoder, clf, files, tmp_path):
+    d = save_classifier(clf, tmp_path / "deployed")
+    cfg = {"downstream": {"dataset": "synthetic", "head": str(d / "head.safetensors")}}
+    ds = downstream_setup(cfg, encoder, seed=0, clean=False)
+    got = deployed_classifier(cfg, encoder, ds, seed=0)
+    assert torch.equal(got.head.linear.weight, clf.head.linear.weight)
+
+
+# ------------------------------------------------------------------------------------ runner and CLI
+
+
+def _sets(trigger_file, *extra):
+    base = ["downstream.dataset=synthetic", f"downstream.trigger={trigger_file}", "downstream.target=0",
+            "downstream.poison_rate=0.1", "train.threads=1", *extra]
+    return sum((["--set", s] for s in base), [])
+
+
+FAST = {"d3": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"]}
+
+
+@pytest.mark.parametrize("name", ["d3", "pad-ft", "tac"])
+def test_cli_defend_writes_a_classifier_and_before_after_metrics(name, files, tmp_path, capsys):
+    enc, trig = files
+    out = tmp_path / "run"
+    assert main(["defend", name, "--encoder", str(enc), *_sets(trig, *FAST[name]), "--out", str(out)]) == 0
+    for f in ("encoder.safetensors", "head.safetensors", "report.json", "config.yaml", "log.txt"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "report.json").read_text())
+    assert report["defense"] == name and report["wall_seconds"] >= 0
+    for when in ("before", "after"):
+        m = report[when]
+        assert 0 <= m["ca"] <= 1 and 0 <= m["asr"] <= 1 and m["target"] == 0 and m["test_size"] == 256
+    assert report["delta_ca"] == pytest.approx(report["after"]["ca"] - report["before"]["ca"])
+    assert 0 <= report["der"] <= 1
+    # the saved classifier is the one that was judged
+    cfg = load_config(name, "defend", [a for a in _sets(trig) if a != "--set"])
+    loaded = load_classifier(out)
+    ds = downstream_setup(cfg, loaded.encoder, seed=0, clean=False)
+    assert ds.evaluate(loaded)["ca"] == report["after"]["ca"] and ds.evaluate(loaded)["asr"] == report["after"]["asr"]
+    if name == "pad-ft":
+        assert report["selection"]["poisoned"] == 51 and report["data"]["clean_images"] == 0
+    else:
+        assert report["data"]["clean_images"] > 0
+    # a second run into the same directory is refused with one line
+    capsys.readouterr()
+    assert main(["defend", name, "--encoder", str(enc), *_sets(trig, *FAST[name]), "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_run_defense_for_a_classifier_defense_without_a_trigger_reports_ca_only(encoder, tmp_path):
+    cfg = load_config("d3", "defend", ["downstream.dataset=synthetic", "defense.steps=5", "defense.layers=head"])
+    report = run_defense("d3", cfg, encoder, tmp_path / "run")
+    assert "asr" not in report["before"] and "asr" not in report["after"] and "der" not in report
+    assert report["delta_ca"] == pytest.approx(report["after"]["ca"] - report["before"]["ca"])
+    assert load_classifier(tmp_path / "run").num_classes == 4
+
+
+def test_an_interrupted_classifier_defense_can_be_run_again(encoder, tmp_path, monkeypatch):
+    import encoder_guard.runs as runs
+
+    cfg = load_config("d3", "defend", ["downstream.dataset=synthetic", "defense.steps=3", "defense.layers=head"])
+    real = runs.RunDir.write_json
+
+    def interrupted(self, name, data):
+        if name == "report.json":
+            raise KeyboardInterrupt
+        return real(self, name, data)
+
+    monkeypatch.setattr(runs.RunDir, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_defense("d3", cfg, encoder, tmp_path / "run")
+    monkeypatch.setattr(runs.RunDir, "write_json", real)
+    assert (tmp_path / "run" / "encoder.safetensors").exists() and not (tmp_path / "run" / "report.json").exists()
+    try:
+        report = run_defense("d3", cfg, encoder, tmp_path / "run")
+    except EncoderGuardError:
+        report = run_defense("d3", cfg, encoder, tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "report.json").is_file() and "after" in report
