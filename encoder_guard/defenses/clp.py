@@ -1,0 +1,74 @@
+"""CLP: data-free backdoor removal by channel Lipschitzness.
+
+- [0] Data-free Backdoor Removal based on Channel Lipschitzness, Zheng et al., ECCV 2022,
+  https://arxiv.org/abs/2208.03111
+
+A trigger has to make a few channels respond enormously to a small input pattern: those channels are
+unusually sensitive, and their sensitivity is visible in the weights alone. For each convolution
+followed by BatchNorm, the channel's upper bound on its Lipschitz constant (UCLC) is the largest singular
+value of its kernel scaled by the BatchNorm gain ``γ/σ``; channels whose UCLC exceeds
+``mean + u · std`` of their layer are pruned (their BatchNorm output is set to zero). No data at all:
+the defense a user can apply to a downloaded encoder before anything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
+from encoder_guard.encoders import Encoder
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
+    """Each Conv2d directly followed (in module order) by the BatchNorm2d that normalises its output."""
+    pairs, last = [], None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            last = m
+        elif isinstance(m, nn.BatchNorm2d) and last is not None and last.out_channels == m.num_features:
+            pairs.append((name, last, m))
+            last = None
+    return pairs
+
+
+@torch.no_grad()
+def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``(C_out,)`` UCLC: spectral norm of each output channel's kernel ``(C_in, kh·kw)`` times ``|γ|/σ``."""
+    gain = bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
+    w = conv.weight.flatten(2)  # (C_out, C_in/groups, kh*kw)
+    return torch.linalg.matrix_norm(w, ord=2) * gain
+
+
+@DEFENSES.register("clp")
+class CLP:
+    """Args:
+        u: pruning threshold in standard deviations above the layer's mean UCLC (the paper's default 3).
+    """
+
+    level = "encoder"
+    uses_clean = False
+
+    def __init__(self, u: float = 3.0, seed: int = 0, device: str = "cpu") -> None:
+        if u <= 0:
+            raise ValueError(f"u must be positive, got {u}")
+        self.u, self.seed, self.device = u, seed, device
+
+    def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:
+        t0 = time.perf_counter()
+        encoder = copy.deepcopy(encoder)
+        layers = {}
+        with torch.no_grad():
+            for name, conv, bn in conv_bn_pairs(encoder.backbone):
+                lips = channel_lipschitz(conv, bn)
+                prune = lips > lips.mean() + self.u * lips.std()
+                bn.weight[prune] = 0
+                bn.bias[prune] = 0
+                layers[name] = int(prune.sum())
+        report = {"hparams": {"u": self.u}, "data": data.usage(), "pruned_channels": layers,
+                  "pruned_total": sum(layers.values()), "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(encoder, report)

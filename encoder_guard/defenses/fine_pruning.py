@@ -1,0 +1,96 @@
+"""Fine-pruning: prune the last layer's dormant channels, then fine-tune the head.
+
+- [0] Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural Networks, Liu, Dolan-Gavitt &
+  Garg, RAID 2018, https://arxiv.org/abs/1805.12185
+
+Backdoor behaviour tends to live in channels that clean inputs leave quiet. The classifier's features
+are the last stage's channels, average-pooled, so pruning a last-layer channel is fixing its feature at
+zero: the head's clamp does exactly that (``lo = hi = 0``). Channels are pruned in increasing order of
+their mean activation on the clean set, as long as the clean accuracy stays within ``max_drop`` of the
+start (and at most ``max_ratio`` of them); the head is then fine-tuned on the clean set.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from downstream.classifier import Classifier
+from downstream.features import cached_features
+from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.errors import EncoderGuardError
+
+
+@DEFENSES.register("fine-pruning")
+class FinePruning:
+    """Args:
+        max_drop: the largest clean-accuracy loss (fraction) pruning may cause.
+        max_ratio: the largest share of channels pruned.
+        step: channels pruned per step of the search.
+        epochs / lr / weight_decay / batch_size: head fine-tuning after pruning (Adam, standardised features).
+    """
+
+    level = "classifier"
+    uses_clean = True
+
+    def __init__(self, max_drop: float = 0.05, max_ratio: float = 0.9, step: int = 4, epochs: int = 30,
+                 lr: float = 0.01, weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
+                 device: str = "cpu") -> None:
+        self.max_drop, self.max_ratio, self.step = max_drop, max_ratio, step
+        self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
+        self.seed, self.device = seed, device
+
+    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+        if data.clean is None or len(data.clean) == 0:
+            raise EncoderGuardError("fine-pruning needs a small clean labelled set; set downstream.clean_fraction")
+        t0 = time.perf_counter()
+        clf = copy.deepcopy(clf).eval()
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        head = clf.head
+        f = cached_features(clf.encoder, data.clean, device=self.device)
+        y = data.clean.labels.long()
+
+        def acc() -> float:
+            with torch.no_grad():
+                return float((head(f).argmax(1) == y).float().mean())
+
+        start = acc()
+        order = f.mean(0).argsort()  # dormant first
+        pruned = 0
+        for n in range(self.step, int(self.max_ratio * len(order)) + 1, self.step):
+            lo, hi = head.lo.clone(), head.hi.clone()
+            head.lo[order[:n]] = 0.0
+            head.hi[order[:n]] = 0.0
+            if start - acc() > self.max_drop:
+                head.lo.copy_(lo)
+                head.hi.copy_(hi)
+                break
+            pruned = n
+        after_pruning = acc()
+        x = head.clamp(f)
+        mu, sd = head.feature_stats(x)
+        layer = head.standardised(mu, sd)
+        alive = torch.ones(x.shape[1])
+        alive[order[:pruned]] = 0  # pruned channels stay out of the fine-tuned head
+        opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        g = torch.Generator().manual_seed(self.seed)
+        xs = (x - mu) / sd * alive
+        for _ in range(self.epochs):
+            for idx in torch.randperm(len(xs), generator=g).split(self.batch_size):
+                loss = F.cross_entropy(layer(xs[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            layer.weight.mul_(alive)
+        head.load_standardised(layer, mu, sd)
+        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
+                  "pruned_channels": pruned, "channels": int(len(order)), "clean_acc_start": start,
+                  "clean_acc_pruned": after_pruning, "clean_acc_final": acc(),
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(clf, report)
