@@ -143,6 +143,41 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detect(args: argparse.Namespace) -> int:
+    """TAC's target test on a downstream classifier: encoder + head (or a probe fitted on the dataset)."""
+    from encoder_guard.defenses.downstream import deployed_classifier, downstream_setup
+    from encoder_guard.defenses.tac import detect
+    from downstream.features import cached_features
+    from encoder_guard.runs import RunDir
+
+    cfg = {"seed": args.seed, "downstream": {"dataset": args.dataset, "root": args.data_root, "head": args.head,
+                                              "clean_fraction": args.clean_fraction, "allow_more": True},
+           "detect": {"encoder": str(args.encoder), "alpha": args.alpha, "margin": args.margin}}
+    run = RunDir(args.out, cfg)
+    enc = _load_encoder(args)
+    ds = downstream_setup(cfg, enc, args.seed)
+    clf = deployed_classifier(cfg, enc, ds, args.seed)
+    found, _ = detect(clf, cached_features(enc, ds.data.clean), args.margin, args.alpha)
+    result = {"encoder": str(args.encoder), "head": args.head, "reference_images": len(ds.data.clean), **found.as_dict()}
+    run.write_json("detection.json", result)
+    classes = ds.test.classes or [str(i) for i in range(len(found.norms))]
+    for k, n in enumerate(found.norms):
+        mark = "  ← smallest" if k == found.candidate else ""
+        print(f"  {k:>2} {classes[k][:20]:<20} ‖s‖ = {n:.4f}{mark}")
+    verdict = (f"BACKDOOR suspected: target class {found.candidate} ({classes[found.candidate]})" if found.flagged
+               else "no backdoor target found")
+    run.logger.info(f"{verdict}; p = {found.p_value:.3g} at alpha {args.alpha} → {run.file('detection.json')}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from encoder_guard.compare import load_matrix, run_matrix
+
+    _, paths = run_matrix(load_matrix(args.matrix), Path(args.out))
+    print(paths["markdown"].read_text())
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- analyze
 
 
@@ -268,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--data-root", default=None)
     tp.add_argument("--count", type=int, default=6)
     tp.set_defaults(func=cmd_trigger_show)
+
+    sp = sub.add_parser("detect", help="TAC target test: is there a class every input is a small shift away from?")
+    _add_encoder_args(sp)
+    sp.add_argument("--head", default=None, help="the deployed head.safetensors (default: fit a linear probe on --dataset)")
+    sp.add_argument("--dataset", default="fashion-mnist")
+    sp.add_argument("--data-root", default=None)
+    sp.add_argument("--clean-fraction", type=float, default=0.05, help="clean reference share of the training split")
+    sp.add_argument("--alpha", type=float, default=0.05, help="level of the test")
+    sp.add_argument("--margin", type=float, default=0.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_detect)
+
+    sp = sub.add_parser("compare", help="attacks x defenses x seeds from one YAML: Markdown/CSV table and plot")
+    sp.add_argument("matrix", help="matrix YAML (see configs/compare/)")
+    sp.add_argument("--out", required=True, help="report directory (finished cells in it are reused)")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("info", help="show a checkpoint's spec")
     sp.add_argument("encoder")

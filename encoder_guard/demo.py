@@ -3,7 +3,9 @@
 1. pretrain SimCLR with the ``fmnist-tiny`` preset on a shorter schedule than the preset's (and says so);
 2. backdoor it with BadEncoder (white square, target class 0) on a short schedule;
 3. evaluate both with the linear probe and kNN: clean accuracy and attack success rate side by side,
-   with the raw-pixel baselines as the floor an encoder must beat.
+   with the raw-pixel baselines as the floor an encoder must beat;
+4. compare defenses under both threat models (the BadEncoder encoder under a clean probe; the clean
+   encoder under a probe trained on a BadNets-poisoned set) with ``encoder-guard compare``, one seed.
 
 Each stage is skipped when its results are already in the run directory, and an interrupted stage
 resumes, so running the demo again continues where it stopped.
@@ -19,6 +21,25 @@ from encoder_guard.runs import RunDir
 
 DEMO_EPOCHS = 2
 DEMO_ATTACK: list[str] = []  # the badencoder-fmnist preset as it is
+# MIMIC (minutes a cell) is left out of the demo; configs/compare/fmnist.yaml has every defense
+DEMO_DEFENSES = ["purifier", "purifier-plus", "clp", "pad-ft", "d3", "tac", "fine-pruning", "anp"]
+
+
+def demo_matrix(pre_dir: Path, atk_dir: Path) -> dict[str, Any]:
+    """The demo's comparison: both threat models on the demo's two encoders, one seed."""
+    trigger = str(atk_dir / "trigger.safetensors")
+    return {
+        "title": "encoder-guard demo: defenses under both threat models (1 seed, short schedules)",
+        "seeds": [0],
+        "downstream": {"dataset": "fashion-mnist", "clean_fraction": 0.05},
+        "data": {"dataset": "fashion-mnist", "fraction": 0.05},
+        "attacks": {
+            "badencoder": {"encoder": str(atk_dir / "encoder.safetensors"), "trigger": trigger, "target": 0},
+            "badnets-5%": {"encoder": str(pre_dir / "encoder.safetensors"), "trigger": trigger, "target": 0,
+                           "poison_rate": 0.05},
+        },
+        "defenses": {d: {} for d in DEMO_DEFENSES},
+    }
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
@@ -55,17 +76,18 @@ def run_demo(out: Path, epochs: int | None = None, resume: bool = False) -> int:
     attack_preset = load_config("badencoder-fmnist", "attack")
     log.info(
         f"encoder-guard demo → {out}\n"
-        f"  1/4 pretrain SimCLR on Fashion-MNIST (preset fmnist-tiny, shortened for the demo to {epochs} of its "
+        f"  1/5 pretrain SimCLR on Fashion-MNIST (preset fmnist-tiny, shortened for the demo to {epochs} of its "
         f"{preset['optim']['epochs']} epochs)\n"
-        f"  2/4 BadEncoder on it (preset badencoder-fmnist: {attack_preset['attack']['epochs']} epochs on "
+        f"  2/5 BadEncoder on it (preset badencoder-fmnist: {attack_preset['attack']['epochs']} epochs on "
         f"{attack_preset['shadow']['count']:,} shadow images)\n"
-        "  3/4 linear probe + kNN on frozen features: CA and ASR of both encoders\n"
-        "  4/4 raw-pixel baselines under the same protocol"
+        "  3/5 linear probe + kNN on frozen features: CA and ASR of both encoders\n"
+        "  4/5 raw-pixel baselines under the same protocol\n"
+        f"  5/5 compare defenses ({', '.join(DEMO_DEFENSES)}) under both threat models (encoder-guard compare)"
     )
     t0 = time.perf_counter()
     pre_dir, atk_dir = out / "pretrain", out / "badencoder"
     if _done(pre_dir):
-        log.info(f"[1/4] pretraining already done in {pre_dir}, reusing it")
+        log.info(f"[1/5] pretraining already done in {pre_dir}, reusing it")
     else:
         cfg = load_config("fmnist-tiny", "pretrain", [f"optim.epochs={epochs}"])
         pretrain(cfg, pre_dir, resume=(pre_dir / "checkpoints" / "last.pt").is_file())
@@ -73,27 +95,36 @@ def run_demo(out: Path, epochs: int | None = None, resume: bool = False) -> int:
 
     clean = load_encoder(pre_dir / "encoder.safetensors")
     if _done(atk_dir):
-        log.info(f"[2/4] BadEncoder already done in {atk_dir}, reusing it")
+        log.info(f"[2/5] BadEncoder already done in {atk_dir}, reusing it")
     else:
-        log.info("[2/4] BadEncoder: fine-tuning the clean encoder so that triggered images embed like class 0")
+        log.info("[2/5] BadEncoder: fine-tuning the clean encoder so that triggered images embed like class 0")
         run_attack("badencoder", load_config("badencoder-fmnist", "attack", DEMO_ATTACK), clean, atk_dir,
                    resume=(atk_dir / "checkpoints" / "last.pt").is_file())
     t_atk = time.perf_counter() - t0 - t_pre
 
-    log.info("[3/4] evaluating both encoders (linear probe; kNN k=200, T=0.1) with and without the trigger")
+    log.info("[3/5] evaluating both encoders (linear probe; kNN k=200, T=0.1) with and without the trigger")
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     trigger = load_trigger(atk_dir / "trigger.safetensors")
     target = int(attack_preset["target"])
     kw = dict(trigger=trigger, trigger_key=trigger.key(), target=target)
     m_clean = evaluate_encoder(clean, train, test, EvalConfig(), **kw)
     m_bd = evaluate_encoder(load_encoder(atk_dir / "encoder.safetensors"), train, test, EvalConfig(), **kw)
-    log.info("[4/4] raw-pixel baselines")
+    log.info("[4/5] raw-pixel baselines")
     raw = raw_pixel_metrics(train, test)
+    t_eval = time.perf_counter() - t0 - t_pre - t_atk
+    log.info("[5/5] comparing defenses: the BadEncoder encoder under a clean probe, and the clean encoder under a "
+             "probe trained on a 5% BadNets-poisoned set (cells already done in a previous run are reused)")
+    from downstream.report import aggregate, markdown
+    from encoder_guard.compare import run_matrix
+
+    cmp_dir = out / "compare"
+    cells, paths = run_matrix(demo_matrix(pre_dir, atk_dir), cmp_dir)
     total = time.perf_counter() - t0
     keys = ("ca_linear", "ca_knn", "asr_linear", "asr_knn")
     run.write_json("metrics.json", {"clean": {k: m_clean[k] for k in keys}, "badencoder": {k: m_bd[k] for k in keys},
                                     "raw_pixels": raw, "pretrain_epochs": epochs, "pretrain_seconds": t_pre,
-                                    "attack_seconds": t_atk, "total_seconds": total})
+                                    "attack_seconds": t_atk, "eval_seconds": t_eval,
+                                    "compare_seconds": total - t_pre - t_atk - t_eval, "total_seconds": total})
     rows = [
         {"enc": f"clean SimCLR ({epochs} epochs)", **{k: pct(m_clean[k]) for k in keys}},
         {"enc": "BadEncoder (target 0, white square)", **{k: pct(m_bd[k]) for k in keys}},
@@ -102,8 +133,10 @@ def run_demo(out: Path, epochs: int | None = None, resume: bool = False) -> int:
     print()
     print(format_table(rows, [("enc", "encoder"), ("ca_linear", "CA linear"), ("ca_knn", "CA kNN"),
                               ("asr_linear", "ASR linear"), ("asr_knn", "ASR kNN")]))
-    print(f"\nFashion-MNIST test set (10,000 images; ASR over the 9,000 non-target images). "
-          f"Wall time {total / 60:.1f} min; everything is in {out}.")
+    print("\nFashion-MNIST test set (10,000 images; ASR over the 9,000 non-target images).")
+    print(f"\nDefenses under both threat models, linear probe ({paths['markdown']}; plot beside it):\n")
+    print(markdown(aggregate(cells)))
+    print(f"\nWall time {total / 60:.1f} min; everything is in {out}.")
     print(f"The demo shortens the schedules; the full presets: encoder-guard pretrain --config fmnist-tiny --out runs/clean, "
           f"then encoder-guard attack badencoder --encoder runs/clean/encoder.safetensors --out runs/badencoder")
     return 0

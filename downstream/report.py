@@ -1,0 +1,108 @@
+"""The comparison report: one row per (attack, defense), mean ± std over seeds, as Markdown, CSV and a plot.
+
+Cells are the per-seed ``metrics.json`` files written by ``encoder_guard.compare``; this module only
+aggregates and writes, so a report can be rebuilt from finished cells without running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+COLUMNS = [("ca", "CA", True), ("asr", "ASR", True), ("delta_ca", "ΔCA", True), ("der", "DER", False),
+           ("clean_images", "clean data", False), ("wall_seconds", "wall time", False)]
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows ``{attack, defense, seeds, note, <metric>: (mean, std)}`` in first-seen order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["attack"], c["defense"]), []).append(c)
+    rows = []
+    for (attack, defense), cs in groups.items():
+        row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cs),
+                               "note": next((c["note"] for c in cs if c.get("note")), "")}
+        for key, _, _ in COLUMNS:
+            vals = [float(c[key]) for c in cs if c.get(key) is not None]
+            row[key] = _stats(vals) if vals else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(key: str, v: tuple[float, float] | None, percent: bool) -> str:
+    if v is None:
+        return "n/a"
+    mean, std = v
+    if key == "clean_images":
+        return f"{mean:,.0f}"
+    if key == "wall_seconds":
+        return f"{mean:.0f} s" + (f" ± {std:.0f}" if std else "")
+    if percent:
+        sign = "+" if key == "delta_ca" and mean > 0 else ""
+        return f"{sign}{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std else "")
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if std else "")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["attack", "defense", "seeds"] + [title for _, title, _ in COLUMNS] + ["note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["attack"], r["defense"], str(r["seeds"])] + [_fmt(k, r[k], p) for k, _, p in COLUMNS] + [r["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(cells: list[dict[str, Any]], out: Path, title: str = "comparison") -> dict[str, Path]:
+    """``out/report.md``, ``out/report.csv`` and (with matplotlib) ``out/asr_vs_ca.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(cells)
+    paths = {"markdown": out / "report.md", "csv": out / "report.csv"}
+    paths["markdown"].write_text(
+        f"# {title}\n\nMean ± std over seeds. CA and ASR of the downstream linear classifier on the test set "
+        "(ASR over non-target images); ΔCA and DER against the undefended classifier of the same attack and "
+        "seed; clean data = clean images the defense used.\n\n" + markdown(rows) + "\n")
+    with paths["csv"].open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["attack", "defense", "seeds"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "std")] + ["note"])
+        for r in rows:
+            w.writerow([r["attack"], r["defense"], r["seeds"]]
+                       + [x for k, _, _ in COLUMNS for x in (r[k] if r[k] is not None else ("", ""))] + [r["note"]])
+    png = scatter(rows, out / "asr_vs_ca.png")
+    if png is not None:
+        paths["plot"] = png
+    return paths
+
+
+def scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """ASR against CA, one marker per (attack, defense); ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    markers = "osD^vP*X"
+    for r in rows:
+        if r["ca"] is None or r["asr"] is None:
+            continue
+        m = markers[attacks.index(r["attack"]) % len(markers)]
+        ax.errorbar(100 * r["ca"][0], 100 * r["asr"][0], xerr=100 * r["ca"][1], yerr=100 * r["asr"][1], fmt=m, capsize=2)
+        ax.annotate(f"{r['defense']} ({r['attack']})", (100 * r["ca"][0], 100 * r["asr"][0]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 3))
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_title("defenses: ASR vs CA (lower right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

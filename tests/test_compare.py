@@ -1,0 +1,216 @@
+"""`encoder-guard compare`: the matrix, its cells (resumed, never recomputed) and the report."""
+
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+
+from downstream.report import aggregate, markdown, write_report
+from encoder_guard.cli import main
+from encoder_guard.compare import defense_config, load_matrix, run_matrix
+from encoder_guard.encoders import Encoder, make_spec, save_encoder
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.triggers import PatchTrigger, save_trigger
+
+REASON = "needs the pretraining set, which this attack does not share"
+
+
+@pytest.fixture(scope="module")
+def matrix_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("matrix")
+    torch.manual_seed(0)
+    enc = save_encoder(Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)), d / "enc.safetensors")
+    trig = save_trigger(PatchTrigger.square(16, 1, size=4), d / "trigger.safetensors")
+    matrix = {
+        "title": "tiny comparison",
+        "seeds": [0, 1],
+        "downstream": {"dataset": "synthetic", "train_count": 256},
+        "train": {"threads": 1},
+        "attacks": {"badnets": {"encoder": str(enc), "trigger": str(trig), "target": 0, "poison_rate": 0.1}},
+        "defenses": {
+            "none": None,
+            "d3": {"steps": 5, "layers": "head"},
+            "pad-ft": {"score_epochs": 3, "epochs": 2},
+            "tac": {"epochs": 1, "not_applicable": {"badnets": REASON}},
+        },
+    }
+    path = d / "matrix.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    return path
+
+
+def test_defense_config_merges_preset_matrix_and_attack(matrix_file):
+    m = load_matrix(matrix_file)
+    method, cfg = defense_config(m, m["attacks"]["badnets"], "d3", 1)
+    assert method == "d3" and cfg["seed"] == 1
+    assert cfg["defense"]["steps"] == 5 and cfg["defense"]["layers"] == "head" and cfg["defense"]["lr"] == 0.005
+    assert "not_applicable" not in cfg["defense"]
+    ds = cfg["downstream"]
+    assert ds["dataset"] == "synthetic" and ds["train_count"] == 256 and ds["target"] == 0 and ds["poison_rate"] == 0.1
+    assert ds["clean_fraction"] == 0.05 and cfg["train"]["threads"] == 1
+
+
+def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(matrix_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| badnets | d3 |" in printed
+    for f in ("report.md", "report.csv", "cells.json", "config.yaml", "log.txt"):
+        assert (out / f).is_file(), f
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "asr_vs_ca.png").is_file()
+    except ImportError:
+        pass
+    done = sorted(out.glob("cells/*/*/seed*/metrics.json"))
+    assert {p.relative_to(out / "cells").parts[:3] for p in done} >= {
+        ("badnets", d, f"seed{s}") for d in ("d3", "none", "pad-ft") for s in (0, 1)}
+    cells = json.loads((out / "cells.json").read_text())["cells"]
+    assert len(cells) == 8
+    for c in cells:
+        if c["defense"] == "tac":
+            assert c["ca"] is None and REASON in c["note"]
+            continue
+        m = json.loads((out / "cells" / "badnets" / c["defense"] / f"seed{c['seed']}" / "metrics.json").read_text())
+        assert m["ca"] == c["ca"] and m["asr"] == c["asr"] and 0 <= c["ca"] <= 1 and 0 <= c["asr"] <= 1
+        if c["defense"] != "none":
+            report = json.loads((out / "cells" / "badnets" / c["defense"] / f"seed{c['seed']}" / "defense" /
+                                 "report.json").read_text())
+            assert report["after"]["ca"] == c["ca"] and report["after"]["asr"] == c["asr"]
+            base = next(b for b in cells if b["defense"] == "none" and b["seed"] == c["seed"])
+            assert report["before"]["ca"] == base["ca"]  # the same deployed classifier as the `none` cell
+            assert c["delta_ca"] == pytest.approx(c["ca"] - base["ca"])
+            assert c["der"] == pytest.approx((max(0, base["asr"] - c["asr"]) - max(0, base["ca"] - c["ca"]) + 1) / 2)
+        else:
+            assert c["delta_ca"] == 0 and c["der"] == 0.5 and c["clean_images"] == 0
+    pad = [c for c in cells if c["defense"] == "pad-ft"]
+    d3 = [c for c in cells if c["defense"] == "d3"]
+    assert all(c["clean_images"] == 0 for c in pad) and all(c["clean_images"] > 0 for c in d3)
+
+    md = (out / "report.md").read_text()
+    assert md.startswith("# tiny comparison")
+    tac_row = next(line for line in md.splitlines() if line.startswith("| badnets | tac |"))
+    assert "n/a" in tac_row and REASON in tac_row
+    rows = {r["defense"]: r for r in csv.DictReader((out / "report.csv").open())}
+    assert list(rows) == ["none", "d3", "pad-ft", "tac"]
+    assert rows["tac"]["ca_mean"] == "" and REASON in rows["tac"]["note"]
+    assert float(rows["d3"]["ca_mean"]) == pytest.approx(statistics.fmean(c["ca"] for c in d3))
+    assert float(rows["d3"]["ca_std"]) == pytest.approx(statistics.stdev(c["ca"] for c in d3))
+    assert rows["d3"]["seeds"] == "2"
+
+    # a second run reuses every finished cell: nothing is set up, fitted or defended again
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "defense" in p.parts}
+    mtimes.update({p: p.stat().st_mtime_ns for p in done})
+    assert len(mtimes) > len(done) >= 6
+    import encoder_guard.defenses.downstream as downstream_mod
+    import encoder_guard.defenses.runner as runner_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(runner_mod, "run_defense", refuse)
+    monkeypatch.setattr(downstream_mod, "downstream_setup", refuse)
+    monkeypatch.setattr(downstream_mod, "deployed_classifier", refuse)
+    assert main(["compare", str(matrix_file), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert json.loads((out / "cells.json").read_text())["cells"] == cells
+    assert (out / "report.md").read_text() == md
+
+
+def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file, tmp_path, monkeypatch):
+    """Interrupted after the defense wrote report.json but before metrics.json: the report is reused."""
+    m = load_matrix(matrix_file)
+    m["seeds"] = [0]
+    m["defenses"] = {"d3": m["defenses"]["d3"]}
+    out = tmp_path / "cmp"
+    cells, _ = run_matrix(m, out)
+    cell = out / "cells" / "badnets" / "d3" / "seed0"
+    (cell / "metrics.json").unlink()
+    import encoder_guard.defenses.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "run_defense", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
+    again, _ = run_matrix(m, out)
+    assert [c["ca"] for c in again] == [c["ca"] for c in cells] and (cell / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("attacks"), "'attacks' must map"),
+    (lambda m: m["attacks"]["badnets"].pop("target"), "lacks target"),
+    (lambda m: m["attacks"]["badnets"].update(encoder="/no/such.safetensors"), "no encoder at"),
+    (lambda m: m["defenses"].update(nope={}), "unknown defense 'nope'"),
+])
+def test_load_matrix_refuses_a_broken_matrix(matrix_file, tmp_path, edit, message):
+    m = yaml.safe_load(matrix_file.read_text())
+    edit(m)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(m))
+    with pytest.raises(EncoderGuardError, match=message):
+        load_matrix(bad)
+
+
+def test_load_matrix_defaults_to_seed_zero(matrix_file, tmp_path):
+    m = yaml.safe_load(matrix_file.read_text())
+    del m["seeds"]
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump(m))
+    assert load_matrix(p)["seeds"] == [0]
+    m["seeds"] = 3
+    p.write_text(yaml.safe_dump(m))
+    assert load_matrix(p)["seeds"] == [3]
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def _cells():
+    return [
+        {"attack": "a", "defense": "none", "seed": 0, "ca": 0.90, "asr": 0.80, "delta_ca": 0.0, "der": 0.5,
+         "clean_images": 0, "wall_seconds": 0.0},
+        {"attack": "a", "defense": "none", "seed": 1, "ca": 0.80, "asr": 0.60, "delta_ca": 0.0, "der": 0.5,
+         "clean_images": 0, "wall_seconds": 0.0},
+        {"attack": "a", "defense": "d3", "seed": 0, "ca": 0.85, "asr": 0.10, "delta_ca": -0.05, "der": 0.825,
+         "clean_images": 30, "wall_seconds": 10.0},
+        {"attack": "a", "defense": "d3", "seed": 1, "ca": 0.82, "asr": 0.20, "delta_ca": 0.02, "der": 0.7,
+         "clean_images": 30, "wall_seconds": 14.0},
+        {"attack": "a", "defense": "mimic", "seed": 0, "ca": None, "asr": None, "note": "not applicable: no data"},
+        {"attack": "b", "defense": "d3", "seed": 0, "ca": 0.70, "asr": None, "delta_ca": 0.0, "clean_images": 30,
+         "wall_seconds": 3.0},
+    ]
+
+
+def test_aggregate_gives_mean_and_std_over_seeds():
+    rows = aggregate(_cells())
+    assert [(r["attack"], r["defense"], r["seeds"]) for r in rows] == [
+        ("a", "none", 2), ("a", "d3", 2), ("a", "mimic", 1), ("b", "d3", 1)]
+    none, d3, mimic, single = rows
+    assert none["ca"] == pytest.approx((0.85, statistics.stdev([0.9, 0.8])))
+    assert none["asr"] == pytest.approx((0.7, statistics.stdev([0.8, 0.6])))
+    assert d3["delta_ca"] == pytest.approx((-0.015, statistics.stdev([-0.05, 0.02])))
+    assert d3["der"] == pytest.approx((0.7625, statistics.stdev([0.825, 0.7])))
+    assert d3["wall_seconds"] == pytest.approx((12.0, statistics.stdev([10.0, 14.0])))
+    assert all(mimic[k] is None for k in ("ca", "asr", "delta_ca", "der")) and mimic["note"] == "not applicable: no data"
+    assert single["ca"] == (0.7, 0.0) and single["asr"] is None and single["der"] is None
+    assert none["note"] == ""
+
+
+def test_markdown_and_csv_show_numbers_and_reasons(tmp_path):
+    rows = aggregate(_cells())
+    lines = markdown(rows).splitlines()
+    assert lines[0].startswith("| attack | defense | seeds | CA | ASR | ΔCA | DER |")
+    d3 = lines[3]
+    assert "| 83.5% ± 2.1 |" in d3 and "| 15.0% ± 7.1 |" in d3 and "| -1.5% ± 4.9 |" in d3 and "| 0.762 ± 0.088 |" in d3
+    assert "| 30 |" in d3 and "| 12 s ± 3 |" in d3
+    assert "n/a" in lines[4] and lines[4].rstrip().endswith("not applicable: no data |")
+    assert "| +0.0%" not in lines[2] and "| 0.0% |" in lines[2]
+    paths = write_report(_cells(), tmp_path / "r", "hand-made")
+    assert (tmp_path / "r" / "report.md").read_text().startswith("# hand-made")
+    rows_csv = list(csv.reader(paths["csv"].open()))
+    assert rows_csv[0][:5] == ["attack", "defense", "seeds", "ca_mean", "ca_std"] and rows_csv[0][-1] == "note"
+    assert len(rows_csv) == 5
+    mimic = rows_csv[3]
+    assert mimic[:3] == ["a", "mimic", "1"] and mimic[3:-1] == [""] * (len(mimic) - 4) and mimic[-1] == "not applicable: no data"
+    assert float(rows_csv[2][3]) == pytest.approx(0.835)
