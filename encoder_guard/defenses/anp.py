@@ -45,8 +45,8 @@ class _Perturb:
 
     def __call__(self, bn: nn.Module, inputs: tuple, y: Tensor) -> Tensor:
         beta = bn.bias.view(1, -1, 1, 1)
-        gain = self.mask + (self.delta if self.perturb else 0)
-        shift = 1 + (self.xi if self.perturb else 0)
+        gain = self.mask + self.delta if self.perturb else self.mask
+        shift = 1 + self.xi if self.perturb else torch.ones_like(self.xi)
         return gain.view(1, -1, 1, 1) * (y - beta) + shift.view(1, -1, 1, 1) * beta
 
 

@@ -1,0 +1,96 @@
+"""Classic baselines: CLP (data-free channel pruning), fine-pruning and ANP."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from downstream.classifier import fit_classifier
+from encoder_guard.attacks.poison import poison_downstream
+from encoder_guard.data import make_synthetic, take_subset
+from encoder_guard.defenses import DEFENSES, defense_level
+from encoder_guard.defenses.anp import ANP
+from encoder_guard.defenses.base import DefenseData, DownstreamData
+from encoder_guard.defenses.clp import CLP, channel_lipschitz, conv_bn_pairs
+from encoder_guard.defenses.fine_pruning import FinePruning
+from encoder_guard.encoders import Encoder, make_spec
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.triggers import PatchTrigger
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def setting(encoder):
+    train = make_synthetic(size=256, image_size=16, seed=0)
+    p = poison_downstream(train, PatchTrigger.square(16, 1, size=4), 0, 0.1, seed=0)
+    clean = take_subset(make_synthetic(size=256, image_size=16, seed=0), 0.2, None, True, 1)
+    return fit_classifier(encoder, p.dataset, cache=False), DownstreamData(p.dataset, clean, p.indices, 256)
+
+
+def test_levels():
+    assert defense_level("clp") == "encoder"
+    assert defense_level("fine-pruning") == defense_level("anp") == "classifier"
+    assert {"clp", "fine-pruning", "anp"} <= set(DEFENSES.names())
+
+
+def test_channel_lipschitz_is_the_spectral_norm_of_the_bn_scaled_kernel():
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False).requires_grad_(False), nn.BatchNorm2d(4).requires_grad_(False)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 9.0]))
+    lips = channel_lipschitz(conv, bn)
+    for k in range(4):
+        gain = abs(float(bn.weight[k])) / (float(bn.running_var[k]) + bn.eps) ** 0.5
+        expected = torch.linalg.svdvals(conv.weight[k].reshape(3, -1)).max() * gain
+        assert float(lips[k]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_clp_prunes_an_implanted_high_lipschitz_channel_and_nothing_without_one(encoder):
+    enc = copy.deepcopy(encoder)
+    name, conv, bn = conv_bn_pairs(enc.backbone)[3]
+    result = CLP(u=3.0).run(enc, DefenseData(None, 0), None)
+    baseline = result.report["pruned_channels"][name]
+    with torch.no_grad():
+        conv.weight[2] *= 50  # one channel now reacts enormously to its input
+    result = CLP(u=3.0).run(enc, DefenseData(None, 0), None)
+    pruned_bn = dict(result.encoder.backbone.named_modules())[name]
+    assert result.report["pruned_channels"][name] >= max(1, baseline)
+    assert float(pruned_bn.weight[2]) == 0.0 and float(pruned_bn.bias[2]) == 0.0
+    assert result.report["data"]["images"] == 0
+    assert float(bn.weight[2]) != 0.0  # the input encoder is untouched
+    with pytest.raises(ValueError):
+        CLP(u=0)
+
+
+def test_fine_pruning_masks_dormant_channels_within_the_accuracy_budget(setting):
+    clf, data = setting
+    result = FinePruning(max_drop=0.1, epochs=2).run(clf, data, None)
+    head, rep = result.encoder.head, result.report
+    pruned = (head.lo == 0) & (head.hi == 0)
+    assert int(pruned.sum()) == rep["pruned_channels"] > 0
+    assert rep["clean_acc_start"] - rep["clean_acc_pruned"] <= 0.1 + 1e-6
+    assert torch.all(head.linear.weight[:, pruned] == 0)  # pruned channels stay out of the fine-tuned head
+    assert not clf.head.clipped
+    with pytest.raises(EncoderGuardError):
+        FinePruning().run(clf, DownstreamData(data.train, None), None)
+
+
+def test_anp_learns_masks_prunes_and_leaves_the_input_classifier_alone(setting):
+    clf, data = setting
+    before = copy.deepcopy(clf.state_dict())
+    result = ANP(steps=5, threshold=0.99).run(clf, data, None)  # a high threshold makes pruning certain
+    rep = result.report
+    assert rep["neurons"] > 0 and 0 < rep["pruned_neurons"] <= rep["neurons"]
+    bns = [m for m in result.encoder.encoder.backbone.layer4.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sum(int((b.weight == 0).sum()) for b in bns) >= rep["pruned_neurons"]
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not any(m._forward_hooks for m in result.encoder.modules())  # perturbation hooks removed
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.isfinite(result.encoder(x)).all()
