@@ -10,7 +10,11 @@ under a bound ε:
     minimise  λ · mean_i ReLU(CE_i − ε)  −  ‖W − W⁰‖₂,     then rescale each weight tensor to ‖W⁰‖,
 
 so the weights rotate rather than grow (growth would be a cheap way to move far without changing the
-function). Labels of a small clean set (5% by default) are what it needs; nothing about the trigger.
+function). λ rises by dual ascent while the mean clean loss exceeds ε. A short recovery phase of plain
+clean-loss descent from the far point follows (``recover_steps``; norms still fixed): it settles the
+rotated weights back onto the clean task without pulling them toward W⁰ (measured in the README: CA
+85.6% → 86.9%, ASR 7.5% → 2.2% on the BadNets threat). Labels of a small clean set (5% by default) are
+what it needs; nothing about the trigger.
 
 Weights: ``layers = head`` changes only the linear head (the classifier's last layer); a tap name
 (e.g. ``layer3``) also changes every stage after it. ε is ``epsilon`` if given, else
@@ -75,32 +79,26 @@ class D3:
         eps = self.epsilon if self.epsilon is not None else self.epsilon_scale * loss0
         opt = torch.optim.Adam(list(tail.parameters()), lr=self.lr)
         g = torch.Generator().manual_seed(self.seed)
-        bar = trange(self.steps, desc="D3", unit="step", mininterval=1.0, leave=False)
-        for _ in bar:
+        bar = trange(self.steps + self.recover_steps, desc="D3", unit="step", mininterval=1.0, leave=False)
+        for step in bar:
             idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
             ce = F.cross_entropy(tail.logits(h[idx]), y[idx], reduction="none")
-            dist = torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
-            violation = F.relu(ce - eps).mean() if self.per_sample else F.relu(ce.mean() - eps)
-            loss = penalty * violation - dist
+            if step < self.steps:  # distance phase: move away while the clean loss stays under ε
+                dist = torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
+                violation = F.relu(ce - eps).mean() if self.per_sample else F.relu(ce.mean() - eps)
+                loss = penalty * violation - dist
+                penalty = max(0.0, penalty + self.dual_lr * float(ce.detach().mean() - eps))  # dual ascent on λ
+            else:  # recovery phase: clean-loss descent from the far point
+                loss = ce.mean()
             if not torch.isfinite(loss):
                 raise TrainingDivergedError("D3's objective became NaN/inf; lower d3 lr (defense.lr)")
             opt.zero_grad()
             loss.backward()
             opt.step()
-            with torch.no_grad():
+            with torch.no_grad():  # rotate, never grow: every weight tensor back to its original norm
                 for w, n in zip(weights, norms):
                     w.mul_(n / w.norm().clamp_min(1e-12))
-            penalty = max(0.0, penalty + self.dual_lr * float(ce.detach().mean() - eps))  # dual ascent on λ
-            bar.set_postfix(ce=f"{ce.mean().item():.3f}", dist=f"{dist.item():.2f}")
-        for _ in range(self.recover_steps):  # clean-loss descent from the far point, norms still fixed
-            idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
-            loss = F.cross_entropy(tail.logits(h[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for w, n in zip(weights, norms):
-                    w.mul_(n / w.norm().clamp_min(1e-12))
+            bar.set_postfix(ce=f"{ce.mean().item():.3f}")
         with torch.no_grad():
             loss1 = float(F.cross_entropy(tail.logits(h), y))
             rel = float(torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
