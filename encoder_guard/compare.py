@@ -30,7 +30,7 @@ from typing import Any
 
 from encoder_guard.config import load_config, load_yaml
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.runs import RunDir
+from encoder_guard.runs import RunDir, setup_logging
 
 NONE = "none"
 
@@ -148,8 +148,10 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
     for i, (a, d, s) in enumerate(todo, 1):
         cell = out / "cells" / a / d / f"seed{s}"
         state = "cached" if (cell / "metrics.json").is_file() else "running"
+        setup_logging(run.file("log.txt"))  # a cell's defense run points the log at its own directory
         run.logger.info(f"[{i}/{len(todo)}] {a} × {d} × seed {s} ({state})")
         cells.append(run_cell(matrix, a, d, s, cell))
+    setup_logging(run.file("log.txt"))
     base = {(c["attack"], c["seed"]): c for c in cells if c["defense"] == NONE}
     for c in cells:
         b = base[(c["attack"], c["seed"])]
