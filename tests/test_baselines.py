@@ -94,3 +94,9 @@ def test_anp_learns_masks_prunes_and_leaves_the_input_classifier_alone(setting):
     assert not any(m._forward_hooks for m in result.encoder.modules())  # perturbation hooks removed
     x = torch.rand(4, 1, 16, 16)
     assert torch.isfinite(result.encoder(x)).all()
+
+
+def test_anp_prune_ratio_prunes_that_share_of_neurons(setting):
+    clf, data = setting
+    rep = ANP(steps=3, prune_ratio=0.1).run(clf, data, None).report
+    assert rep["pruned_neurons"] == int(0.1 * rep["neurons"])

@@ -57,15 +57,16 @@ class ANP:
         eps: relative size of the adversarial perturbation; alpha: weight of the unperturbed loss.
         steps / lr / batch_size: mask optimisation (SGD on the mask, one signed ascent step on δ, ξ).
         threshold: neurons with mask below it are pruned (γ and β set to zero).
+        prune_ratio: prune this share of the neurons with the lowest masks instead (the paper's other rule).
     """
 
     level = "classifier"
     uses_clean = True
 
     def __init__(self, layers: str = "layer3", eps: float = 0.4, alpha: float = 0.2, steps: int = 300,
-                 lr: float = 0.2, batch_size: int = 128, threshold: float = 0.2, seed: int = 0, device: str = "cpu") -> None:
+                 lr: float = 0.2, batch_size: int = 128, threshold: float = 0.2, prune_ratio: float | None = None, seed: int = 0, device: str = "cpu") -> None:
         self.layers, self.eps, self.alpha, self.steps, self.lr = layers, eps, alpha, steps, lr
-        self.batch_size, self.threshold, self.seed, self.device = batch_size, threshold, seed, device
+        self.batch_size, self.threshold, self.prune_ratio, self.seed, self.device = batch_size, threshold, prune_ratio, seed, device
 
     def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
         if data.clean is None or len(data.clean) == 0:
@@ -112,8 +113,14 @@ class ANP:
                 k.handle.remove()
         pruned = 0
         with torch.no_grad():
-            for k in hooks:
-                off = k.mask < self.threshold
+            masks = torch.cat([k.mask for k in hooks])
+            if self.prune_ratio is None:
+                offs = (masks < self.threshold).split([k.bn.num_features for k in hooks])
+            else:  # prune a fixed share: the lowest masks, ties broken by order
+                flat = torch.zeros(len(masks), dtype=torch.bool)
+                flat[masks.argsort(stable=True)[: int(self.prune_ratio * len(masks))]] = True
+                offs = flat.split([k.bn.num_features for k in hooks])
+            for k, off in zip(hooks, offs):
                 k.bn.weight[off] = 0
                 k.bn.bias[off] = 0
                 pruned += int(off.sum())
