@@ -33,3 +33,30 @@ def test_presets_load_by_name_and_unknown_preset_lists_them():
     assert cfg["method"]["name"] == "simclr"
     with pytest.raises(EncoderGuardError, match="fmnist-tiny"):
         load_config("no-such-preset", "pretrain")
+
+
+def test_every_defend_preset_builds_its_defense_and_names_a_registered_one():
+    """A preset key the class does not take would only fail when a run reaches it (a compare cell)."""
+    import inspect
+    from pathlib import Path
+
+    from encoder_guard.config import load_config
+    from encoder_guard.defenses import DEFENSES
+
+    presets = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "defend").glob("*.yaml"))
+    assert len(presets) >= 12
+    for path in presets:
+        cfg = load_config(path.stem, "defend")
+        assert cfg["name"] == path.stem
+        cls = DEFENSES.get(cfg["name"])
+        DEFENSES.get(cfg["name"])(**(cfg.get("defense") or {}))
+        # a preset states the class defaults (library and CLI behave alike), except where it was measured apart:
+        # plain Purifier's q = 0.85, while 0.9 is Purifier+'s upper quantile
+        defaults = {k: p.default for k, p in inspect.signature(getattr(cls, "func", cls)).parameters.items()}
+        defaults.update(getattr(cls, "keywords", {}))  # a registered partial (distill, nad) sets its own
+        for key, value in (cfg.get("defense") or {}).items():
+            default = defaults.get(key, value)  # (a key taken through **kwargs: construction checked it)
+            if (path.stem, key) == ("purifier", "quantile"):
+                continue
+            if isinstance(default, (int, float, str, bool)) and not isinstance(value, (list, dict)):
+                assert value == default, f"{path.name}: {key} = {value!r} but the class defaults to {default!r}"
