@@ -88,16 +88,23 @@ def scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    colours = plt.get_cmap("tab20")
     markers = "osD^vP*X"
     for r in rows:
         if r["ca"] is None or r["asr"] is None:
             continue
-        m = markers[attacks.index(r["attack"]) % len(markers)]
-        ax.errorbar(100 * r["ca"][0], 100 * r["asr"][0], xerr=100 * r["ca"][1], yerr=100 * r["asr"][1], fmt=m, capsize=2)
-        ax.annotate(f"{r['defense']} ({r['attack']})", (100 * r["ca"][0], 100 * r["asr"][0]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 3))
+        ax.errorbar(100 * r["ca"][0], 100 * r["asr"][0], xerr=100 * r["ca"][1], yerr=100 * r["asr"][1], capsize=2,
+                    fmt=markers[attacks.index(r["attack"]) % len(markers)], ms=7, alpha=0.85,
+                    color=colours(defenses.index(r["defense"]) % 20))
+    handles = [Line2D([], [], ls="", marker="s", color=colours(i % 20), label=d) for i, d in enumerate(defenses)]
+    handles += [Line2D([], [], ls="", marker=markers[i % len(markers)], color="grey", label=f"attack: {a}")
+                for i, a in enumerate(attacks)]
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("attack success rate (%)")
     ax.set_title("defenses: ASR vs CA (lower right is better)")
