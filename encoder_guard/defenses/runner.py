@@ -43,8 +43,9 @@ def defense_data(cfg: dict[str, Any], encoder: Encoder, seed: int) -> DefenseDat
 
 def run_defense(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
     out = Path(out)
+    level = defense_level(name)
     # a classifier-level run is finished once its report is written (it saves the classifier just before)
-    done = out / ("report.json" if defense_level(name) == "classifier" else "encoder.safetensors")
+    done = out / ("report.json" if level == "classifier" else "encoder.safetensors")
     if done.exists() and not resume:
         raise EncoderGuardError(f"{out} already holds a defended model; choose another --out")
     check_run_dir(out, out / "checkpoints", resume)
@@ -54,7 +55,7 @@ def run_defense(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, res
     if train.get("threads"):
         torch.set_num_threads(int(train["threads"]))
     defense = DEFENSES.get(name)(**(cfg.get("defense") or {}), seed=seed, device=train.get("device", "cpu"))
-    if defense_level(name) == "classifier":
+    if level == "classifier":
         return _run_classifier_defense(name, defense, cfg, encoder, out, run, resume)
     data = defense_data(cfg, encoder, seed) if getattr(defense, "uses_clean", True) else DefenseData(None, 0)
     if data.clean is None:
