@@ -98,7 +98,7 @@ class D3:
             with torch.no_grad():  # rotate, never grow: every weight tensor back to its original norm
                 for w, n in zip(weights, norms):
                     w.mul_(n / w.norm().clamp_min(1e-12))
-            bar.set_postfix(ce=f"{ce.mean().item():.3f}")
+            bar.set_postfix(ce=f"{ce.mean().item():.3f}", refresh=False)
         with torch.no_grad():
             loss1 = float(F.cross_entropy(tail.logits(h), y))
             rel = float(torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
