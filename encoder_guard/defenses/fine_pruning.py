@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from downstream.classifier import Classifier
 from downstream.features import cached_features
 from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.tail import HeadTuner
 from encoder_guard.errors import EncoderGuardError
 
 
@@ -72,23 +73,15 @@ class FinePruning:
                 break
             pruned = n
         after_pruning = acc()
-        x = head.clamp(f)
-        mu, sd = head.feature_stats(x)
-        layer = head.standardised(mu, sd)
-        alive = torch.ones(x.shape[1])
+        tuner = HeadTuner(head, f, self.seed)
+        alive = torch.ones(f.shape[1])
         alive[order[:pruned]] = 0  # pruned channels stay out of the fine-tuned head
-        opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        g = torch.Generator().manual_seed(self.seed)
-        xs = (x - mu) / sd * alive
-        for _ in range(self.epochs):
-            for idx in torch.randperm(len(xs), generator=g).split(self.batch_size):
-                loss = F.cross_entropy(layer(xs[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        tuner.x = tuner.x * alive
+        tuner.fit(lambda idx: F.cross_entropy(tuner.layer(tuner.x[idx]), y[idx]), self.epochs, self.lr,
+                  self.weight_decay, self.batch_size, "fine-pruning")
         with torch.no_grad():
-            layer.weight.mul_(alive)
-        head.load_standardised(layer, mu, sd)
+            tuner.layer.weight.mul_(alive)
+        tuner.commit()
         report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
                   "pruned_channels": pruned, "channels": int(len(order)), "clean_acc_start": start,
                   "clean_acc_pruned": after_pruning, "clean_acc_final": acc(),

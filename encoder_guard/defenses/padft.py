@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import trange
 
 from downstream.classifier import Classifier
 from downstream.features import cached_features
 from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
 from encoder_guard.defenses.downstream import selection_quality
-from encoder_guard.errors import TrainingDivergedError
+from encoder_guard.defenses.tail import HeadTuner
 
 
 def symmetric_cross_entropy(logits: Tensor, y: Tensor, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> Tensor:
@@ -141,31 +140,20 @@ class PADFT:
             if self.reinit:
                 head.linear.weight.zero_()
                 head.linear.bias.zero_()
-        # fine-tune on standardised clamped features (one lr and weight decay for any encoder), then fold back
-        x = head.clamp(f)
-        mu, sd = head.feature_stats(x)
-        x = (x - mu) / sd
-        layer = head.standardised(mu, sd)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        g = torch.Generator().manual_seed(self.seed)
-        bar = trange(self.epochs, desc="PAD-FT", unit="epoch", leave=False, mininterval=1.0)
-        for _ in bar:
-            total = 0.0
-            for idx in torch.randperm(len(x), generator=g).split(self.batch_size):
-                logits = layer(x[idx])
-                loss = F.cross_entropy(logits, yk[idx])
-                if self.consistency > 0:
-                    masked = layer(x[idx] * (torch.rand(x[idx].shape, generator=g) >= self.mask))
-                    loss = loss + self.consistency * F.kl_div(masked.log_softmax(1), logits.softmax(1).detach(),
-                                                              reduction="batchmean")
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError("PAD-FT's fine-tuning loss became NaN/inf; lower defense.lr")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{total / len(x):.4f}")
-        head.load_standardised(layer, mu, sd)
+        tuner = HeadTuner(head, f, self.seed)
+        x, layer = tuner.x, tuner.layer
+
+        def batch_loss(idx: Tensor) -> Tensor:
+            logits = layer(x[idx])
+            loss = F.cross_entropy(logits, yk[idx])
+            if self.consistency > 0:
+                masked = layer(x[idx] * (torch.rand(x[idx].shape, generator=tuner.generator) >= self.mask))
+                loss = loss + self.consistency * F.kl_div(masked.log_softmax(1), logits.softmax(1).detach(),
+                                                          reduction="batchmean")
+            return loss
+
+        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "PAD-FT")
+        tuner.commit()
         for p in clf.parameters():
             p.requires_grad_(False)
         report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),

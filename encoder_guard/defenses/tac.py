@@ -47,6 +47,7 @@ from torch import Tensor
 from downstream.classifier import Classifier
 from downstream.features import cached_features
 from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.tail import HeadTuner
 from encoder_guard.errors import EncoderGuardError
 
 
@@ -158,24 +159,22 @@ class TAC:
         return DefenseResult(clf, report)
 
     def _remove(self, clf: Classifier, feats: Tensor, y: Tensor, target: int, shift: Tensor) -> dict[str, Any]:
-        head = clf.head
-        x = head.clamp(feats)
-        mu, sd = head.feature_stats(x)
-        layer = head.standardised(mu, sd)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        g = torch.Generator().manual_seed(self.seed)
+        tuner = HeadTuner(clf.head, feats, self.seed)
         norms = [float(shift.norm())]
-        for epoch in range(self.epochs):
+        state = {"shift": shift}
+
+        def resolve(epoch: int) -> None:  # the head moves, so the smallest shift into the target does too
             if epoch and epoch % self.resolve_every == 0:
-                with torch.no_grad():
-                    w, b = layer.weight / sd, layer.bias - (layer.weight / sd) @ mu
-                shift = torch.tensor(min_shift(*class_constraints(x, w, b, target, self.margin)), dtype=torch.float32)
-                norms.append(float(shift.norm()))
-            for idx in torch.randperm(len(x), generator=g).split(self.batch_size):
-                loss = F.cross_entropy(layer((x[idx] - mu) / sd), y[idx])
-                loss = loss + self.shift_weight * F.cross_entropy(layer((x[idx] + shift - mu) / sd), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        head.load_standardised(layer, mu, sd)
+                s = torch.tensor(min_shift(*class_constraints(tuner.clamped, *tuner.raw_weights(), target, self.margin)),
+                                 dtype=torch.float32)
+                norms.append(float(s.norm()))
+                state["shift"] = s
+
+        def batch_loss(idx: Tensor) -> Tensor:
+            shifted = (tuner.clamped[idx] + state["shift"] - tuner.mean) / tuner.std
+            return (F.cross_entropy(tuner.layer(tuner.x[idx]), y[idx])
+                    + self.shift_weight * F.cross_entropy(tuner.layer(shifted), y[idx]))
+
+        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "TAC", before_epoch=resolve)
+        tuner.commit()
         return {"target": target, "shift_norms": norms}

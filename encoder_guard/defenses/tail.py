@@ -9,13 +9,15 @@ the defenses' small clean sets are no basis for new ones.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from tqdm import trange
 
-from downstream.classifier import Classifier
+from downstream.classifier import Classifier, Head
 from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
+from encoder_guard.errors import TrainingDivergedError
 
 
 class Tail:
@@ -70,3 +72,54 @@ class Tail:
             p.requires_grad_(False)
         for p in self.parameters():
             p.requires_grad_(True)
+
+
+class HeadTuner:
+    """Fine-tune a classifier's linear head on standardised (clamped) features, then write it back.
+
+    PAD-FT, TAC and fine-pruning all re-fit the head on cached features. The head acts on raw features,
+    whose scale differs by encoder; training a copy on ``(clamp(f) − mean) / std`` lets one learning
+    rate and weight decay serve every encoder (``Head.standardised``), and :meth:`commit` folds it back.
+
+    Args:
+        head: the head to tune (changed only by :meth:`commit`).
+        feats: ``(N, D)`` raw features of the samples it is tuned on.
+        seed: the generator used for batch order (and offered to loss terms as :attr:`generator`).
+    """
+
+    def __init__(self, head: Head, feats: Tensor, seed: int = 0) -> None:
+        self.head = head
+        self.clamped = head.clamp(feats)
+        self.mean, self.std = head.feature_stats(self.clamped)
+        self.x = (self.clamped - self.mean) / self.std
+        self.layer = head.standardised(self.mean, self.std)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def raw_weights(self) -> tuple[Tensor, Tensor]:
+        """The layer as it would act on raw features: ``(W, b)``."""
+        w = self.layer.weight / self.std
+        return w, self.layer.bias - w @ self.mean
+
+    def fit(self, batch_loss: Callable[[Tensor], Tensor], epochs: int, lr: float, weight_decay: float,
+            batch_size: int, desc: str, before_epoch: Callable[[int], None] | None = None) -> None:
+        """Adam over shuffled minibatches; ``batch_loss(idx)`` is the loss of samples ``idx`` (use :attr:`layer`
+        on :attr:`x`); ``before_epoch(epoch)`` runs at the start of every epoch."""
+        opt = torch.optim.Adam(self.layer.parameters(), lr=lr, weight_decay=weight_decay)
+        bar = trange(epochs, desc=desc, unit="epoch", leave=False, mininterval=1.0)
+        for epoch in bar:
+            if before_epoch is not None:
+                before_epoch(epoch)
+            total = 0.0
+            for idx in torch.randperm(len(self.x), generator=self.generator).split(batch_size):
+                loss = batch_loss(idx)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"{desc}'s head fine-tuning loss became NaN/inf; lower defense.lr")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{total / len(self.x):.4f}", refresh=False)
+
+    def commit(self) -> None:
+        self.head.load_standardised(self.layer, self.mean, self.std)
