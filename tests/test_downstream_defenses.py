@@ -51,7 +51,7 @@ def clf(encoder, poisoned) -> Classifier:
 
 
 def test_classifier_defenses_are_registered_at_classifier_level():
-    for name in ("d3", "pad-ft", "tac"):
+    for name in ("d3", "pad-ft", "tac", "purifier-cc"):
         assert name in DEFENSES.names() and defense_level(name) == "classifier"
     assert defense_level("mimic") == "encoder"
 
@@ -244,10 +244,11 @@ def _sets(trigger_file, *extra):
     return sum((["--set", s] for s in base), [])
 
 
-FAST = {"d3": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"]}
+FAST = {"d3": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"],
+        "purifier-cc": ["defense.head_epochs=1", "defense.epochs=1"]}
 
 
-@pytest.mark.parametrize("name", ["d3", "pad-ft", "tac"])
+@pytest.mark.parametrize("name", sorted(FAST))
 def test_cli_defend_writes_a_classifier_and_before_after_metrics(name, files, tmp_path, capsys):
     enc, trig = files
     out = tmp_path / "run"

@@ -6,8 +6,11 @@ without touching the backbone's code or its state-dict keys. Its description liv
 ``EncoderSpec.plugins`` and its tensors in the checkpoint under ``plugins.<tap>.*``, so a purified encoder
 saves and loads like any other.
 
-``ActivationAlignment`` is the one plug-in so far: per unit, clamp the activation into its normal range
-``[lo, hi]`` and multiply by a gain. A *unit* depends on the granularity:
+Two plug-ins:
+
+- ``ClassMask`` (``class-mask``): the class-conditional Purifier's mask (see its docstring);
+- ``ActivationAlignment`` (``align``): per unit, clamp the activation into its normal range ``[lo, hi]``
+  and multiply by a gain. A *unit* depends on the granularity:
 
 - ``channel``: one range per channel, shared by all positions;
 - ``cube``: one range per spatial position for the L2 norm of the channel vector there (the whole
@@ -73,6 +76,40 @@ class ActivationAlignment(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.granularity}, channels={self.channels}, size={self.size}"
+
+
+@PLUGINS.register("class-mask")
+class ClassMask(nn.Module):
+    """Class-conditional channel mask (Purifier, ACM MM 2022): ``x · (softmax(aux(GAP(x))) @ mask)``.
+
+    An auxiliary linear head reads the pooled map and says which class the input looks like; the mask
+    of that class (one value in ``[0, 1]`` per channel, a soft mixture over classes weighted by the head's
+    probabilities) scales the map. Trained with sparse masks on clean labelled data, a class keeps the
+    channels its clean inputs need; a trigger's channels, needed by no clean class, are switched off
+    whatever class the input is taken for. Identity until trained (masks all 1).
+
+    :attr:`aux_logits` holds the auxiliary head's logits of the last forward pass (for its training loss).
+    """
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.channels, self.classes = channels, classes
+        self.aux = nn.Linear(channels, classes)
+        self.mask = nn.Parameter(torch.ones(classes, channels))
+        self.aux_logits: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"class mask for {self.channels} channels got a map with {x.shape[1]}")
+        self.aux_logits = self.aux(x.mean(dim=(2, 3)))
+        m = self.aux_logits.softmax(1) @ self.mask
+        return x * m[:, :, None, None]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "class-mask", "channels": self.channels, "classes": self.classes}
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, classes={self.classes}"
 
 
 def build_plugin(description: dict[str, Any]) -> nn.Module:

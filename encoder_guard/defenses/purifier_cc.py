@@ -1,0 +1,150 @@
+"""Class-conditional Purifier: auxiliary heads choose per-class channel masks inside a downstream classifier.
+
+- [0] Purifier: Plug-and-play Backdoor Mitigation for Pre-trained Models via Anomaly Activation
+  Suppression, Zhang et al., ACM MM 2022
+
+The 2022 design of Purifier, for the downstream setting (a classifier and a small clean labelled set;
+the label-free alignment of ``defenses.purifier`` is its successor). A :class:`ClassMask` plug-in sits on
+each chosen stage output: an auxiliary linear head on the pooled map predicts the class, and that
+class's mask (one value in ``[0, 1]`` per channel) scales the map. A backdoor needs channels that clean
+inputs of the class it is stamped on do not use; a mask that keeps only what each class needs cuts
+them, whatever the trigger looks like.
+
+Training, on the clean labelled share only (encoder and linear head frozen, BatchNorm statistics kept):
+
+1. **heads first**: the auxiliary heads alone, cross-entropy on the true labels (masks still 1, so the
+   classifier is unchanged), ``head_epochs``;
+2. **then all**: heads and masks together, ``epochs``, with
+   ``CE(classifier) + aux_weight · Σ CE(aux heads) + sparsity · mean(mask)``; masks are kept in
+   ``[0, 1]`` after every step. The sparsity term is what switches unneeded channels off.
+
+Inputs at the stage before the first plug-in are computed once (``defenses.tail``); each step runs only
+the stages after it. The plug-ins are saved with the encoder, so the defended classifier loads like any
+other.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import trange
+
+from downstream.classifier import Classifier
+from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.tail import Tail
+from encoder_guard.encoders.encoder import TAP_NAMES
+from encoder_guard.encoders.plugins import ClassMask
+from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+
+PLUGGABLE = TAP_NAMES[1:]  # a plug-in needs a stage before it to cache inputs at
+
+
+@DEFENSES.register("purifier-cc")
+class ClassConditionalPurifier:
+    """Args:
+        taps: stage outputs that get a class-conditional mask (``layer1`` … ``layer4``).
+        head_epochs: epochs of auxiliary-head training before the masks move.
+        epochs: epochs of joint training of heads and masks.
+        sparsity: weight of the mean mask value in the loss (higher: fewer channels kept per class).
+        aux_weight: weight of the auxiliary heads' cross-entropy during joint training.
+        lr / batch_size: Adam over minibatches of the clean set.
+    """
+
+    level = "classifier"
+
+    def __init__(self, taps: Sequence[str] = ("layer4",), head_epochs: int = 20, epochs: int = 40,
+                 sparsity: float = 0.5, aux_weight: float = 1.0, lr: float = 0.01, batch_size: int = 128,
+                 seed: int = 0, device: str = "cpu") -> None:
+        bad = [t for t in taps if t not in PLUGGABLE]
+        if bad or not taps:
+            raise ValueError(f"taps must be a non-empty list from {', '.join(PLUGGABLE)}; got {list(taps)}")
+        if head_epochs < 0 or epochs < 1 or lr <= 0 or sparsity < 0 or aux_weight < 0:
+            raise ValueError("need head_epochs >= 0, epochs >= 1, lr > 0, sparsity >= 0, aux_weight >= 0")
+        self.taps = sorted(set(taps), key=TAP_NAMES.index)
+        self.head_epochs, self.epochs, self.sparsity, self.aux_weight = head_epochs, epochs, sparsity, aux_weight
+        self.lr, self.batch_size, self.seed, self.device = lr, batch_size, seed, device
+
+    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+        if data.clean is None or len(data.clean) == 0:
+            raise EncoderGuardError("the class-conditional Purifier needs a small clean labelled set; set "
+                                    "downstream.clean_fraction (default 0.05)")
+        t0 = time.perf_counter()
+        clf = copy.deepcopy(clf)
+        enc = clf.encoder
+        taken = [t for t in self.taps if t in enc.plugins]
+        if taken:
+            raise EncoderGuardError(f"the encoder already has plug-ins at {', '.join(taken)}; defend the original encoder")
+        y = data.clean.labels.long()
+        classes = clf.head.linear.out_features
+        channels = {t["name"]: t["num_chs"] for t in enc.feature_info}
+        tail = Tail(clf, TAP_NAMES[TAP_NAMES.index(self.taps[0]) - 1])
+        h = tail.inputs(data.clean.images)  # before attaching: the plug-ins are identity anyway
+        masks = {}
+        for tap in self.taps:
+            masks[tap] = ClassMask(channels[tap], classes)
+            enc.attach(tap, masks[tap])
+        tail.freeze_rest()
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            ca0 = float((tail.logits(h).argmax(1) == y).float().mean())
+        g = torch.Generator().manual_seed(self.seed)
+        for m in masks.values():  # a seeded init, so that runs repeat exactly
+            with torch.no_grad():
+                m.aux.weight.normal_(0, 0.01, generator=g)
+                m.aux.bias.zero_()
+        aux_params = [p for m in masks.values() for p in m.aux.parameters()]
+        self._train(tail, h, y, masks, aux_params, self.head_epochs, joint=False, generator=g)
+        self._train(tail, h, y, masks, aux_params + [m.mask for m in masks.values()], self.epochs, joint=True, generator=g)
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            logits = tail.logits(h)
+            ca1 = float((logits.argmax(1) == y).float().mean())
+            layers = {tap: self._describe(m, y) for tap, m in masks.items()}
+        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
+                  "clean_accuracy_before": ca0, "clean_accuracy_after": ca1, "layers": layers,
+                  "wall_seconds_this_session": time.perf_counter() - t0}
+        return DefenseResult(clf, report)
+
+    def _train(self, tail: Tail, h: torch.Tensor, y: torch.Tensor, masks: dict[str, ClassMask], params: list,
+               epochs: int, joint: bool, generator: torch.Generator) -> None:
+        if epochs == 0:
+            return
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.lr)
+        bar = trange(epochs, desc="purifier-cc " + ("masks" if joint else "heads"), unit="epoch", leave=False, mininterval=1.0)
+        for _ in bar:
+            total = 0.0
+            for idx in torch.randperm(len(h), generator=generator).split(self.batch_size):
+                logits = tail.logits(h[idx])
+                aux = sum(F.cross_entropy(m.aux_logits, y[idx]) for m in masks.values())
+                if joint:
+                    sparse = sum(m.mask.mean() for m in masks.values()) / len(masks)
+                    loss = F.cross_entropy(logits, y[idx]) + self.aux_weight * aux + self.sparsity * sparse
+                else:
+                    loss = aux
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError("the class-conditional Purifier's loss became NaN/inf; lower defense.lr")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for m in masks.values():
+                        m.mask.clamp_(0, 1)
+                total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{total / len(h):.4f}", refresh=False)
+        for p in params:
+            p.requires_grad_(False)
+
+    @staticmethod
+    def _describe(m: ClassMask, y: torch.Tensor) -> dict:
+        kept = (m.mask > 0.5).sum(1)
+        return {"channels": m.channels, "aux_accuracy": float((m.aux_logits.argmax(1) == y).float().mean()),
+                "channels_kept_per_class": kept.tolist(), "mean_mask": float(m.mask.mean())}
