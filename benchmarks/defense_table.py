@@ -46,7 +46,8 @@ def evaluate(path: Path, trigger, target: int, train, test) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--attack", required=True, help="attack run directory (encoder.safetensors, trigger.safetensors, config.yaml)")
+    ap.add_argument("--attack", required=True, help="attack or poisoned-pretraining run directory (encoder.safetensors, "
+                    "trigger.safetensors, config.yaml)")
     ap.add_argument("--clean", default=None, help="the clean encoder the attack started from (a reference row)")
     ap.add_argument("--cell", action="append", default=[], help="LABEL=DEFENSE[:KEY=VALUE,...]")
     ap.add_argument("--set", action="append", default=[], help="override applied to every cell")
@@ -56,7 +57,8 @@ def main() -> None:
     attack = Path(args.attack)
     from encoder_guard.config import load_yaml
 
-    target = int(load_yaml(attack / "config.yaml")["target"])
+    cfg = load_yaml(attack / "config.yaml")  # an attack run, or a poisoned pretraining run (poison.target)
+    target = int(cfg["target"] if "target" in cfg else cfg["poison"]["target"])
     trigger = load_trigger(attack / "trigger.safetensors")
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     root = Path("runs") / f"defense-{args.tag}"

@@ -1,0 +1,88 @@
+"""Poisoned pretraining (SSL-Backdoor patch, CTRL frequency trigger) on a preset: CA and ASR per cell.
+
+Every cell is one ``pretrain`` run with ``poison.kind``/``poison.rate`` set, evaluated with the trigger the
+run wrote (linear probe and kNN, non-target test images), beside the same trigger's ASR on a reference
+clean encoder (chance level). A cell whose encoder exists is not retrained; one killed midway resumes.
+
+Usage: python benchmarks/poisoned_pretraining.py [--methods simclr byol] [--kinds patch ctrl]
+       [--rates 0.05 0.01] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
+       [--set optim.epochs=2 ...] [--tag NAME]
+Writes RUN/eval.json per cell and benchmarks/results/poisoned_pretraining[_TAG].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from downstream import EvalConfig, evaluate_encoder  # noqa: E402
+from encoder_guard.config import load_config  # noqa: E402
+from encoder_guard.data import load_dataset  # noqa: E402
+from encoder_guard.encoders import load_encoder  # noqa: E402
+from encoder_guard.triggers import load_trigger  # noqa: E402
+from pretrain import pretrain  # noqa: E402
+from pretrain.trainer import CHECKPOINT  # noqa: E402
+
+PRESETS = {"simclr": "fmnist-tiny", "byol": "fmnist-tiny-byol"}
+
+
+def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overrides: list[str]) -> tuple[Path, float]:
+    out = root / f"{method}-{kind}-{rate:g}"
+    sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", *overrides]
+    if (out / "encoder.safetensors").exists():
+        return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_this_session", float("nan"))
+    cfg = load_config(PRESETS[method], "pretrain", sets)
+    t0 = time.perf_counter()
+    pretrain(cfg, out, resume=(out / CHECKPOINT).exists())
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["simclr", "byol"], choices=sorted(PRESETS))
+    ap.add_argument("--kinds", nargs="+", default=["patch", "ctrl"])
+    ap.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.01])
+    ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--reference", default="runs/clean/encoder.safetensors")
+    ap.add_argument("--root", default="runs/poison")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args()
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    reference = load_encoder(args.reference) if args.reference else None
+    ecfg = EvalConfig()
+    rows = []
+    for rate in args.rates:
+        for method in args.methods:
+            for kind in args.kinds:
+                out, seconds = run_cell(method, kind, rate, args.target, Path(args.root), args.set)
+                trigger = load_trigger(out / "trigger.safetensors")
+                kw = dict(trigger=trigger, trigger_key=trigger.key(), target=args.target)
+                m = evaluate_encoder(load_encoder(out / "encoder.safetensors"), train, test, ecfg, **kw)
+                row = {"method": method, "kind": kind, "rate": rate, "target": args.target, "run": str(out),
+                       "pretrain_seconds": seconds, **{k: m[k] for k in ("ca_linear", "ca_knn", "asr_linear", "asr_knn")}}
+                if reference is not None:
+                    r = evaluate_encoder(reference, train, test, ecfg, **kw)
+                    row.update(ref_asr_linear=r["asr_linear"], ref_asr_knn=r["asr_knn"])
+                (out / "eval.json").write_text(json.dumps(row, indent=2))
+                rows.append(row)
+                print(json.dumps(row))
+    lines = [f"## Poisoned pretraining, target class {args.target} {' '.join(args.set)}", "",
+             "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN | same trigger on clean encoder (lin / kNN) | pretraining |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = f"{r['ref_asr_linear']:.1%} / {r['ref_asr_knn']:.1%}" if "ref_asr_linear" in r else "—"
+        lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
+                     f"{r['asr_linear']:.2%} | {r['asr_knn']:.2%} | {ref} | {r['pretrain_seconds'] / 60:.1f} min |")
+    write_result("poisoned_pretraining" + (f"_{args.tag}" if args.tag else ""),
+                 {"overrides": args.set, "reference": args.reference, "rows": rows}, lines)
+
+
+if __name__ == "__main__":
+    main()
