@@ -6,8 +6,9 @@ clean encoder (chance level). A cell whose encoder exists is not retrained; one 
 
 Usage: python benchmarks/poisoned_pretraining.py [--methods simclr byol] [--kinds patch ctrl]
        [--rates 0.05 0.01] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
-       [--set optim.epochs=2 ...] [--tag NAME]
-Writes RUN/eval.json per cell and benchmarks/results/poisoned_pretraining[_TAG].{json,md}.
+       [--set optim.epochs=2 ...] [--tag NAME] [--report-only]
+Writes RUN/eval.json per cell and benchmarks/results/poisoned_pretraining[_TAG].{json,md}; ``--report-only``
+tabulates the cells already trained (others are listed as not run) without training any.
 """
 
 from __future__ import annotations
@@ -32,11 +33,18 @@ from pretrain.trainer import CHECKPOINT  # noqa: E402
 PRESETS = {"simclr": "fmnist-tiny", "byol": "fmnist-tiny-byol"}
 
 
-def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overrides: list[str]) -> tuple[Path, float]:
+def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overrides: list[str],
+             train: bool = True) -> tuple[Path, float | None]:
+    """The cell's run directory and its pretraining seconds (``None``: not trained and ``train`` is off)."""
     out = root / f"{method}-{kind}-{rate:g}"
     sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", *overrides]
     if (out / "encoder.safetensors").exists():
+        done = out / "eval.json"  # the wall time of this benchmark's own run, else the training loop's
+        if done.exists():
+            return out, json.loads(done.read_text())["pretrain_seconds"]
         return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_this_session", float("nan"))
+    if not train:
+        return out, None
     cfg = load_config(PRESETS[method], "pretrain", sets)
     t0 = time.perf_counter()
     pretrain(cfg, out, resume=(out / CHECKPOINT).exists())
@@ -53,6 +61,7 @@ def main() -> None:
     ap.add_argument("--root", default="runs/poison")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--report-only", action="store_true", help="tabulate trained cells, train none")
     args = ap.parse_args()
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     reference = load_encoder(args.reference) if args.reference else None
@@ -61,7 +70,10 @@ def main() -> None:
     for rate in args.rates:
         for method in args.methods:
             for kind in args.kinds:
-                out, seconds = run_cell(method, kind, rate, args.target, Path(args.root), args.set)
+                out, seconds = run_cell(method, kind, rate, args.target, Path(args.root), args.set, not args.report_only)
+                if seconds is None:
+                    rows.append({"method": method, "kind": kind, "rate": rate, "target": args.target, "run": None})
+                    continue
                 trigger = load_trigger(out / "trigger.safetensors")
                 kw = dict(trigger=trigger, trigger_key=trigger.key(), target=args.target)
                 m = evaluate_encoder(load_encoder(out / "encoder.safetensors"), train, test, ecfg, **kw)
@@ -77,6 +89,9 @@ def main() -> None:
              "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN | same trigger on clean encoder (lin / kNN) | pretraining |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r["run"] is None:
+            lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | not run | | | | | |")
+            continue
         ref = f"{r['ref_asr_linear']:.1%} / {r['ref_asr_knn']:.1%}" if "ref_asr_linear" in r else "—"
         lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
                      f"{r['asr_linear']:.2%} | {r['asr_knn']:.2%} | {ref} | {r['pretrain_seconds'] / 60:.1f} min |")
