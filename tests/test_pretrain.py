@@ -50,6 +50,25 @@ def test_same_seed_same_weights(tmp_path, tiny_cfg):
     assert_same_weights(tmp_path / "a", tmp_path / "b")
 
 
+def test_poisoned_pretraining_records_its_trigger_and_target_class_indices(tmp_path, tiny_cfg):
+    from encoder_guard.data import make_synthetic
+    from encoder_guard.triggers import build_trigger, load_trigger
+
+    base = apply_overrides(tiny_cfg, ["optim.epochs=1"])
+    cfg = apply_overrides(base, ["poison.kind=patch", "poison.target=2", "poison.rate=0.05", "poison.size=4"])
+    pretrain(cfg, tmp_path / "poisoned")
+    run = tmp_path / "poisoned"
+    record = json.loads((run / "poison.json").read_text())
+    labels = make_synthetic(size=512, image_size=16, seed=0).labels
+    assert record["kind"] == "patch" and record["target"] == 2 and record["poisoned"] == round(0.05 * 512) == 26
+    assert (labels[torch.tensor(record["indices"])] == 2).all()
+    trigger = load_trigger(run / "trigger.safetensors")
+    assert trigger.key() == build_trigger({"kind": "patch", "size": 4}, 16, 1).key()
+    # the poisoned images are what was trained on: same seed, other weights than a clean run
+    pretrain(base, tmp_path / "clean")
+    assert not torch.equal(weights(run)["backbone.conv1.weight"], weights(tmp_path / "clean")["backbone.conv1.weight"])
+
+
 def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_cfg, monkeypatch):
     pretrain(tiny_cfg, tmp_path / "full")
     calls = {"n": 0}
