@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import trange
 
 from downstream.classifier import Classifier
@@ -83,7 +84,7 @@ class ClassConditionalPurifier:
         classes = clf.head.linear.out_features
         channels = {t["name"]: t["num_chs"] for t in enc.feature_info}
         tail = Tail(clf, TAP_NAMES[TAP_NAMES.index(self.taps[0]) - 1])
-        h = tail.inputs(data.clean.images)  # before attaching: the plug-ins are identity anyway
+        h = tail.inputs(data.clean.images)  # at the stage before the first plug-in: unaffected by them
         masks = {}
         for tap in self.taps:
             masks[tap] = ClassMask(channels[tap], classes)
@@ -108,11 +109,12 @@ class ClassConditionalPurifier:
             ca1 = float((logits.argmax(1) == y).float().mean())
             layers = {tap: self._describe(m, y) for tap, m in masks.items()}
         report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "clean_accuracy_before": ca0, "clean_accuracy_after": ca1, "layers": layers,
+                  "holdout_accuracy_before": ca0, "holdout_accuracy_after": ca1,  # on the defender's clean share
+                  "layers": layers,
                   "wall_seconds_this_session": time.perf_counter() - t0}
         return DefenseResult(clf, report)
 
-    def _train(self, tail: Tail, h: torch.Tensor, y: torch.Tensor, masks: dict[str, ClassMask], params: list,
+    def _train(self, tail: Tail, h: torch.Tensor, y: torch.Tensor, masks: dict[str, ClassMask], params: list[nn.Parameter],
                epochs: int, joint: bool, generator: torch.Generator) -> None:
         if epochs == 0:
             return
