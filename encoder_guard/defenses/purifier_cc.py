@@ -89,7 +89,7 @@ class ClassConditionalPurifier:
         for tap in self.taps:
             masks[tap] = ClassMask(channels[tap], classes)
             enc.attach(tap, masks[tap])
-        tail.freeze_rest()
+        clf.eval()  # BatchNorm keeps its statistics; only the plug-ins' tensors get gradients, in _train
         for p in clf.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
@@ -102,8 +102,6 @@ class ClassConditionalPurifier:
         aux_params = [p for m in masks.values() for p in m.aux.parameters()]
         self._train(tail, h, y, masks, aux_params, self.head_epochs, joint=False, generator=g)
         self._train(tail, h, y, masks, aux_params + [m.mask for m in masks.values()], self.epochs, joint=True, generator=g)
-        for p in clf.parameters():
-            p.requires_grad_(False)
         with torch.no_grad():
             logits = tail.logits(h)
             ca1 = float((logits.argmax(1) == y).float().mean())
