@@ -7,7 +7,7 @@ clean encoder (chance level). A cell whose encoder exists is not retrained; one 
 Usage: python benchmarks/poisoned_pretraining.py [--methods simclr byol] [--kinds patch ctrl]
        [--rates 0.05 0.01] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
        [--set optim.epochs=2 ...] [--tag NAME] [--report-only]
-Writes RUN/eval.json per cell and benchmarks/results/poisoned_pretraining[_TAG].{json,md}; ``--report-only``
+Writes RUN/eval.json per cell (read back, not recomputed, on a rerun) and benchmarks/results/poisoned_pretraining[_TAG].{json,md}; ``--report-only``
 tabulates the cells already trained (others are listed as not run) without training any.
 """
 
@@ -38,10 +38,7 @@ def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overr
     """The cell's run directory and its pretraining seconds (``None``: not trained and ``train`` is off)."""
     out = root / f"{method}-{kind}-{rate:g}"
     sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", *overrides]
-    if (out / "encoder.safetensors").exists():
-        done = out / "eval.json"  # the wall time of this benchmark's own run, else the training loop's
-        if done.exists():
-            return out, json.loads(done.read_text())["pretrain_seconds"]
+    if (out / "encoder.safetensors").exists():  # trained by an earlier run: the training loop's own time
         return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_this_session", float("nan"))
     if not train:
         return out, None
@@ -66,7 +63,8 @@ def main() -> None:
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     reference = load_encoder(args.reference) if args.reference else None
     ecfg = EvalConfig()
-    rows = []
+    rows: list[dict] = []
+    on_reference: dict[str, dict] = {}
     for rate in args.rates:
         for method in args.methods:
             for kind in args.kinds:
@@ -74,15 +72,21 @@ def main() -> None:
                 if seconds is None:
                     rows.append({"method": method, "kind": kind, "rate": rate, "target": args.target, "run": None})
                     continue
+                done = out / "eval.json"  # a cell is evaluated once; a rerun reads it back
+                if done.exists():
+                    rows.append(json.loads(done.read_text()))
+                    continue
                 trigger = load_trigger(out / "trigger.safetensors")
                 kw = dict(trigger=trigger, trigger_key=trigger.key(), target=args.target)
                 m = evaluate_encoder(load_encoder(out / "encoder.safetensors"), train, test, ecfg, **kw)
                 row = {"method": method, "kind": kind, "rate": rate, "target": args.target, "run": str(out),
                        "pretrain_seconds": seconds, **{k: m[k] for k in ("ca_linear", "ca_knn", "asr_linear", "asr_knn")}}
-                if reference is not None:
-                    r = evaluate_encoder(reference, train, test, ecfg, **kw)
+                if reference is not None:  # one evaluation per trigger: cells of the same kind share it
+                    if trigger.key() not in on_reference:
+                        on_reference[trigger.key()] = evaluate_encoder(reference, train, test, ecfg, **kw)
+                    r = on_reference[trigger.key()]
                     row.update(ref_asr_linear=r["asr_linear"], ref_asr_knn=r["asr_knn"])
-                (out / "eval.json").write_text(json.dumps(row, indent=2))
+                done.write_text(json.dumps(row, indent=2))
                 rows.append(row)
                 print(json.dumps(row))
     lines = [f"## Poisoned pretraining, target class {args.target} {' '.join(args.set)}", "",
