@@ -33,14 +33,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import trange
 
 from downstream.classifier import Classifier
 from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
-from encoder_guard.defenses.tail import Tail
+from encoder_guard.defenses.tail import Tail, fit_minibatches
 from encoder_guard.encoders.encoder import TAP_NAMES
 from encoder_guard.encoders.plugins import ClassMask
-from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from encoder_guard.errors import EncoderGuardError
 
 PLUGGABLE = TAP_NAMES[1:]  # a plug-in needs a stage before it to cache inputs at
 
@@ -116,30 +115,24 @@ class ClassConditionalPurifier:
                epochs: int, joint: bool, generator: torch.Generator) -> None:
         if epochs == 0:
             return
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            logits = tail.logits(h[idx])
+            aux = sum(F.cross_entropy(m.aux_logits, y[idx]) for m in masks.values())
+            if not joint:
+                return aux
+            sparse = sum(m.mask.mean() for m in masks.values()) / len(masks)
+            return F.cross_entropy(logits, y[idx]) + self.aux_weight * aux + self.sparsity * sparse
+
+        @torch.no_grad()
+        def project() -> None:
+            for m in masks.values():
+                m.mask.clamp_(0, 1)
+
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=self.lr)
-        bar = trange(epochs, desc="purifier-cc " + ("masks" if joint else "heads"), unit="epoch", leave=False, mininterval=1.0)
-        for _ in bar:
-            total = 0.0
-            for idx in torch.randperm(len(h), generator=generator).split(self.batch_size):
-                logits = tail.logits(h[idx])
-                aux = sum(F.cross_entropy(m.aux_logits, y[idx]) for m in masks.values())
-                if joint:
-                    sparse = sum(m.mask.mean() for m in masks.values()) / len(masks)
-                    loss = F.cross_entropy(logits, y[idx]) + self.aux_weight * aux + self.sparsity * sparse
-                else:
-                    loss = aux
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError("the class-conditional Purifier's loss became NaN/inf; lower defense.lr")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    for m in masks.values():
-                        m.mask.clamp_(0, 1)
-                total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{total / len(h):.4f}", refresh=False)
+        fit_minibatches(params, len(h), batch_loss, epochs, self.lr, self.batch_size,
+                        "purifier-cc " + ("masks" if joint else "heads"), generator, after_step=project)
         for p in params:
             p.requires_grad_(False)
 

@@ -105,21 +105,36 @@ class HeadTuner:
             batch_size: int, desc: str, before_epoch: Callable[[int], None] | None = None) -> None:
         """Adam over shuffled minibatches; ``batch_loss(idx)`` is the loss of samples ``idx`` (use :attr:`layer`
         on :attr:`x`); ``before_epoch(epoch)`` runs at the start of every epoch."""
-        opt = torch.optim.Adam(self.layer.parameters(), lr=lr, weight_decay=weight_decay)
-        bar = trange(epochs, desc=desc, unit="epoch", leave=False, mininterval=1.0)
-        for epoch in bar:
-            if before_epoch is not None:
-                before_epoch(epoch)
-            total = 0.0
-            for idx in torch.randperm(len(self.x), generator=self.generator).split(batch_size):
-                loss = batch_loss(idx)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(f"{desc}'s head fine-tuning loss became NaN/inf; lower defense.lr")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{total / len(self.x):.4f}", refresh=False)
+        fit_minibatches(list(self.layer.parameters()), len(self.x), batch_loss, epochs, lr, batch_size, desc,
+                        self.generator, weight_decay=weight_decay, before_epoch=before_epoch)
 
     def commit(self) -> None:
         self.head.load_standardised(self.layer, self.mean, self.std)
+
+
+def fit_minibatches(params: list[nn.Parameter], n: int, batch_loss: Callable[[Tensor], Tensor], epochs: int, lr: float,
+                    batch_size: int, desc: str, generator: torch.Generator, weight_decay: float = 0.0,
+                    before_epoch: Callable[[int], None] | None = None, after_step: Callable[[], None] | None = None) -> None:
+    """Adam on ``params`` over ``epochs`` of shuffled minibatches of ``n`` cached samples, with a progress bar.
+
+    ``batch_loss(idx)`` is the loss of samples ``idx``; ``before_epoch(epoch)`` runs at the start of every
+    epoch, ``after_step()`` after every optimiser step (e.g. a projection). A NaN/inf loss stops with
+    :class:`TrainingDivergedError`.
+    """
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    bar = trange(epochs, desc=desc, unit="epoch", leave=False, mininterval=1.0)
+    for epoch in bar:
+        if before_epoch is not None:
+            before_epoch(epoch)
+        total = 0.0
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
+            loss = batch_loss(idx)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"{desc}'s loss became NaN/inf; lower defense.lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
