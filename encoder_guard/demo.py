@@ -138,6 +138,6 @@ def run_demo(out: Path, epochs: int | None = None, resume: bool = False) -> int:
     print(f"\nDefenses under both threat models, linear probe ({paths['markdown']}; plot beside it):\n")
     print(markdown(aggregate(cells)))
     print(f"\nWall time {total / 60:.1f} min; everything is in {out}.")
-    print(f"The demo shortens the schedules; the full presets: encoder-guard pretrain --config fmnist-tiny --out runs/clean, "
-          f"then encoder-guard attack badencoder --encoder runs/clean/encoder.safetensors --out runs/badencoder")
+    print("The demo shortens the schedules; the full presets: encoder-guard pretrain --config fmnist-tiny --out runs/clean, "
+          "then encoder-guard attack badencoder --encoder runs/clean/encoder.safetensors --out runs/badencoder")
     return 0

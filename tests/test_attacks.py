@@ -4,14 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import encoder_guard.attacks.badencoder as badencoder_mod
-from downstream import EvalConfig, evaluate_encoder
 from encoder_guard.attacks import AttackData
 from encoder_guard.attacks.badencoder import BadEncoder
 from encoder_guard.attacks.poison import poison_downstream, poison_pretraining
 from encoder_guard.cli import main
 from encoder_guard.data import make_synthetic
-from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
+from encoder_guard.encoders import Encoder, load_encoder, save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
 

@@ -11,7 +11,7 @@ from downstream.classifier import (HEAD_FILE, Classifier, Head, describe_head, f
 from downstream.linear import fit_linear_probe
 from encoder_guard.data import make_synthetic
 from encoder_guard.defenses.tail import Tail
-from encoder_guard.encoders import Encoder, load_encoder, make_spec
+from encoder_guard.encoders import Encoder, make_spec
 from encoder_guard.encoders.encoder import TAP_NAMES
 from encoder_guard.encoders.plugins import ActivationAlignment
 from encoder_guard.errors import CheckpointError
