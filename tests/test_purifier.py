@@ -65,6 +65,50 @@ def test_purifier_keeps_clean_features_and_cuts_outliers(encoder, data, granular
     assert "layer4" in pure.spec.plugins and not encoder.plugins  # the original encoder is untouched
 
 
+def test_a_sample_flagged_at_one_tap_is_aligned_at_the_later_ones():
+    from encoder_guard.encoders.plugins import SampleFlags
+
+    flags = SampleFlags()
+    first, second = ActivationAlignment("feature", 2, 2, gated=True), ActivationAlignment("feature", 2, 2, gated=True)
+    for plug in (first, second):
+        plug.hi.fill_(1.0)
+        plug.gate.fill_(0.5)
+        plug.shared = flags
+    x = torch.full((2, 2, 2, 2), 0.5)
+    x[0] = 3.0  # sample 0 is far out at the first tap
+    first(x)
+    y = torch.full((2, 2, 2, 2), 1.2)  # at the second tap both samples exceed hi, neither by enough to flag
+    out = second(y)
+    assert torch.all(out[0] == 1.0) and torch.all(out[1] == 1.2)
+    flags.flags = None  # a new pass: nothing carried over
+    assert torch.all(second(y) == 1.2)
+
+
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder, data, granularity, tmp_path):
+    result = Purifier(granularity=granularity, taps=["layer4"], quantile=0.8, gate=0.9).run(encoder, data, tmp_path)
+    layer = result.report["layers"]["layer4"]
+    assert 0.05 <= layer["clean_inputs_aligned"] <= 0.15  # the gate sits at the clean inputs' 0.9 quantile
+    plug = result.encoder.plugins["layer4"]
+    plug.shared = None  # called alone below, outside an encoder pass
+    with torch.no_grad():
+        _, (m,) = encoder.forward_intermediates(data.clean.float_images()[:64], ["layer4"])
+        out = plug(m)
+        passed = plug.excess(m) <= plug.gate
+        assert passed.sum() > 40 and torch.equal(out[passed], m[passed])  # typical inputs untouched
+        boosted = m * 20  # an input far beyond the clean range on every unit is aligned
+        assert torch.all(plug.excess(boosted) > plug.gate)
+        assert plug(boosted).abs().max() < boosted.abs().max()
+    path = save_encoder(result.encoder, tmp_path / "g.safetensors")
+    back = load_encoder(path).eval()
+    x = data.clean.float_images()[:8]
+    with torch.no_grad():
+        assert torch.allclose(back(x), result.encoder(x), atol=1e-6)
+    assert back.spec.plugins["layer4"]["gated"] is True
+    with pytest.raises(ValueError, match="gate"):
+        Purifier(gate=1.5)
+
+
 def test_purified_encoder_round_trips_through_a_checkpoint(encoder, data, tmp_path):
     pure = Purifier(granularity="feature", taps=["layer4"], plus=True).run(encoder, data, tmp_path).encoder
     path = save_encoder(pure, tmp_path / "p.safetensors")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from encoder_guard.encoders.backbones import build_backbone
-from encoder_guard.encoders.plugins import build_plugin
+from encoder_guard.encoders.plugins import SampleFlags, build_plugin
 from encoder_guard.encoders.spec import EncoderSpec
 
 TAP_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -54,6 +54,7 @@ class Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
         self._feature_info: list[dict] | None = None
         self.plugins = nn.ModuleDict()
+        self._flags = SampleFlags()  # gated plug-ins' per-pass sample flags (reset by every entry point)
         for tap, description in list(spec.plugins.items()):
             self.attach(tap, build_plugin(description))
 
@@ -64,6 +65,8 @@ class Encoder(nn.Module):
         if tap in self.plugins:
             raise ValueError(f"tap {tap} already has a plug-in")
         self.plugins[tap] = plugin
+        if getattr(plugin, "gated", False):
+            plugin.shared = self._flags
         self.spec.plugins[tap] = plugin.describe()
         module = self.backbone.get_submodule(TAP_MODULES[TAP_NAMES.index(tap)])
         module.register_forward_hook(_ApplyPlugin(plugin))
@@ -79,6 +82,7 @@ class Encoder(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's map ``(B, C, h, w)``."""
+        self._flags.flags = None
         return self.backbone.forward_features(self.normalize(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,6 +103,7 @@ class Encoder(nn.Module):
         """
         idx = self.tap_indices(indices)
         order = sorted(set(idx))
+        self._flags.flags = None
         final, maps = self.backbone.forward_intermediates(self.normalize(x), indices=order)
         by_index = dict(zip(order, maps))
         return final.mean(dim=(2, 3)), [by_index[i] for i in idx]
@@ -109,6 +114,7 @@ class Encoder(nn.Module):
         Lets a defense that changes only the last stages train on cached activations at ``tap``.
         """
         i = self.tap_indices([tap])[0]
+        self._flags.flags = None
         names = ("maxpool",) + TAP_MODULES[1:] if i == 0 else TAP_MODULES[i + 1 :]
         for name in names:
             h = self.backbone.get_submodule(name)(h)

@@ -16,6 +16,14 @@ Two plug-ins:
 - ``cube``: one range per spatial position for the L2 norm of the channel vector there (the whole
   ``C × 1 × 1`` cube is rescaled when its norm leaves the range, so its direction is kept);
 - ``feature``: one range per element ``(c, h, w)``.
+
+A *gated* alignment (``gated=True``) aligns only the inputs found anomalous: per sample, the mean excess
+of the units over their ``hi`` (in units of each unit's clean spread ``scale``) is compared with a
+threshold ``gate`` fitted on clean data. A sample flagged at one tap stays flagged at every later tap of
+the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
+stands out at the stem and at the last stage, not in between, yet it has to be aligned in between too.
+Unflagged inputs pass unchanged, so clean inputs keep their activations (a plain clamp trims every
+input's upper tail).
 """
 
 from __future__ import annotations
@@ -39,6 +47,22 @@ def unit_shape(granularity: str, channels: int, size: int) -> tuple[int, ...]:
     return shapes[granularity]
 
 
+class SampleFlags:
+    """The samples flagged anomalous so far in the current forward pass, shared by gated plug-ins.
+
+    The encoder resets it at the start of every pass; a plug-in ORs its own flags into it.
+    """
+
+    def __init__(self) -> None:
+        self.flags: Tensor | None = None
+
+    def merge(self, own: Tensor) -> Tensor:
+        if self.flags is not None and self.flags.shape == own.shape:
+            own = own | self.flags
+        self.flags = own
+        return own
+
+
 @PLUGINS.register("align")
 class ActivationAlignment(nn.Module):
     """Clamp each unit into ``[lo, hi]`` (fitted on clean activations), then scale it by ``gain``.
@@ -46,13 +70,17 @@ class ActivationAlignment(nn.Module):
     Before fitting it is the identity (``lo = -inf``, ``hi = +inf``, ``gain = 1``).
     """
 
-    def __init__(self, granularity: str, channels: int, size: int) -> None:
+    def __init__(self, granularity: str, channels: int, size: int, gated: bool = False) -> None:
         super().__init__()
-        self.granularity, self.channels, self.size = granularity, channels, size
+        self.granularity, self.channels, self.size, self.gated = granularity, channels, size, gated
         shape = unit_shape(granularity, channels, size)
         self.register_buffer("lo", torch.full(shape, -torch.inf))
         self.register_buffer("hi", torch.full(shape, torch.inf))
         self.register_buffer("gain", torch.ones(shape))
+        if gated:  # only gated plug-ins carry these, so checkpoints of ungated ones keep their keys
+            self.register_buffer("scale", torch.ones(shape))
+            self.register_buffer("gate", torch.tensor(-torch.inf))
+        self.shared: SampleFlags | None = None  # set by Encoder.attach
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.size and self.granularity != "channel":
@@ -60,8 +88,20 @@ class ActivationAlignment(nn.Module):
                              f"{x.shape[-2]}×{x.shape[-1]}: feed images of the encoder's input size")
         if self.granularity == "cube":
             norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return x * (norm.clamp(self.lo, self.hi) / norm) * self.gain
-        return torch.maximum(torch.minimum(x, self.hi), self.lo) * self.gain
+            aligned = x * (norm.clamp(self.lo, self.hi) / norm)
+        else:
+            aligned = torch.maximum(torch.minimum(x, self.hi), self.lo)
+        if self.gated:
+            flagged = self.excess(x) > self.gate
+            if self.shared is not None:
+                flagged = self.shared.merge(flagged)
+            aligned = torch.where(flagged.view(-1, 1, 1, 1), aligned, x)
+        return aligned * self.gain
+
+    def excess(self, x: Tensor) -> Tensor:
+        """Per sample, the mean excess of its units over ``hi`` in units of their clean ``scale`` (gated only)."""
+        values = x.norm(dim=1, keepdim=True) if self.granularity == "cube" else x
+        return ((values - self.hi).clamp_min(0) / self.scale).flatten(1).mean(1)
 
     def unit_values(self, x: Tensor) -> Tensor:
         """What the ranges are about, per sample: ``(B, *unit_shape[1:])``."""
@@ -72,10 +112,11 @@ class ActivationAlignment(nn.Module):
         return x
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size}
+        return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size,
+                **({"gated": True} if self.gated else {})}
 
     def extra_repr(self) -> str:
-        return f"{self.granularity}, channels={self.channels}, size={self.size}"
+        return f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
 
 
 @PLUGINS.register("class-mask")
