@@ -137,8 +137,8 @@ class Purifier:
         stats = {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
         if plugin.gated:
             plugin.scale.copy_(values.std(0).clamp_min(1e-6).view_as(plugin.scale))
-            plugin.gate.fill_(torch.inf)  # a pass with nothing aligned: the clean inputs' own excess
-            excess = torch.cat([plugin.excess(m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])
+            # the clean inputs' own excess, from the unit values in hand (channel-wise: one row per position)
+            excess = plugin.excess(values.view(-1, *plugin.hi.shape[1:])).view(len(images), -1).mean(1)
             plugin.gate.fill_(torch.quantile(excess, self.gate).item())
             stats.update(gate=plugin.gate.item(), clean_inputs_aligned=(excess > plugin.gate).float().mean().item())
         return stats
