@@ -26,18 +26,30 @@ from encoder_guard.config import load_config  # noqa: E402
 from encoder_guard.data import load_dataset  # noqa: E402
 from encoder_guard.encoders import Encoder, make_spec  # noqa: E402
 from pretrain import pretrain  # noqa: E402
+from encoder_guard.utils import autocast, resolve_precision  # noqa: E402
 from pretrain.trainer import build_method  # noqa: E402
 
 
 def raw_step_time(cfg: dict, batch: int, steps: int, size: int, chans: int) -> float:
+    """Seconds per step with the preset's ``train.precision`` and ``train.channels_last``, as the loop runs."""
+    cpu = torch.device("cpu")
+    precision = resolve_precision(cfg["train"].get("precision"), cpu)
+    layout = torch.channels_last if cfg["train"].get("channels_last") else torch.contiguous_format
     method = build_method(cfg, Encoder(make_spec(cfg["model"]["backbone"], in_chans=chans, input_size=size)))
+    method = method.to(memory_format=layout)
     opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-    views = [torch.rand(batch, chans, size, size), torch.rand(batch, chans, size, size)]
+    views = [torch.rand(batch, chans, size, size).contiguous(memory_format=layout) for _ in range(2)]
+
+    def step() -> None:
+        with autocast(cpu, precision):
+            loss = method(views)
+        opt.zero_grad(); loss.backward(); opt.step()
+
     for _ in range(3):
-        loss = method(views); opt.zero_grad(); loss.backward(); opt.step()
+        step()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = method(views); opt.zero_grad(); loss.backward(); opt.step()
+        step()
     return (time.perf_counter() - t0) / steps
 
 
@@ -83,6 +95,10 @@ def main() -> None:
 
     cfg = load_config(args.preset, "pretrain", [f"optim.batch_size={args.batch}"])
     raw = raw_step_time(cfg, args.batch, args.steps, 28, 1)
+    fp32 = load_config(args.preset, "pretrain", [f"optim.batch_size={args.batch}", "train.precision=fp32",
+                                                 "train.channels_last=false"])
+    raw_fp32 = raw_step_time(fp32, args.batch, args.steps, 28, 1)
+    precision = resolve_precision(cfg["train"].get("precision"), torch.device("cpu"))
     tmp = Path(tempfile.mkdtemp())
     try:
         loop_cfg = load_config(args.preset, "pretrain", [f"optim.batch_size={args.batch}", "optim.epochs=1",
@@ -94,7 +110,9 @@ def main() -> None:
     pil = None if args.skip_pil else pil_step_time(cfg, args.batch, max(5, args.steps // 3), workers=2)
     data = {
         "preset": args.preset, "batch": args.batch, "steps": args.steps,
+        "precision": precision, "channels_last": bool(cfg["train"].get("channels_last")),
         "raw_forward_backward_s_per_step": raw,
+        "raw_fp32_contiguous_s_per_step": raw_fp32,
         "tensor_loop_s_per_step": loop_step,
         "tensor_loop_ratio": raw / loop_step,
         "pil_loop_s_per_step": pil,
@@ -104,7 +122,10 @@ def main() -> None:
         f"## Pretraining throughput ({args.preset}, batch {args.batch}, two views)",
         "| loop | s/step | images/s | ratio to raw fwd+bwd |",
         "|---|---|---|---|",
-        f"| raw forward+backward (pre-made tensors) | {raw:.3f} | {args.batch / raw:.0f} | 1.00 |",
+        f"| raw forward+backward (pre-made tensors), {precision}, channels_last={data['channels_last']} "
+        f"| {raw:.3f} | {args.batch / raw:.0f} | 1.00 |",
+        f"| same in fp32, contiguous layout (the preset before mixed precision) | {raw_fp32:.3f} | {args.batch / raw_fp32:.0f} "
+        f"| {raw / raw_fp32:.2f} |",
         f"| encoder_guard loop (batched tensor augmentation) | {loop_step:.3f} | {args.batch / loop_step:.0f} | {raw / loop_step:.2f} |",
     ]
     if pil:

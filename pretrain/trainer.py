@@ -28,7 +28,7 @@ from encoder_guard.data import ImageDataset, load_dataset, take_subset
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
 from encoder_guard.errors import CheckpointError, EncoderGuardError, TrainingDivergedError
 from encoder_guard.runs import RunDir
-from encoder_guard.utils import resolve_device, seed_everything, step_generator
+from encoder_guard.utils import autocast, resolve_device, resolve_precision, seed_everything, step_generator
 from pretrain.augment import ViewConfig, augment
 from pretrain.methods import SSL_METHODS, SSLMethod
 from pretrain.optim import OPTIMIZERS, lr_at
@@ -141,6 +141,9 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
                      **{k: v for k, v in model_cfg.items() if k not in ("backbone", "in_chans", "input_size")})
     encoder = Encoder(spec)
     method = build_method(cfg, encoder).to(device)
+    precision = resolve_precision(train_cfg.get("precision"), device)
+    layout = torch.channels_last if train_cfg.get("channels_last") else torch.contiguous_format
+    method = method.to(memory_format=layout)
     views_cfg = view_configs(cfg, method.views)
 
     o = cfg["optim"]
@@ -179,7 +182,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
     log.info(
         f"pretraining {cfg['method']['name']} on {ds.name} ({len(ds)} images, {ds.channels}×{ds.image_size}²), "
         f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M-parameter encoder, {epochs} epochs × "
-        f"{steps_per_epoch} steps of {batch}, {info.world} process(es) on {device}"
+        f"{steps_per_epoch} steps of {batch}, {info.world} process(es) on {device}, {precision}"
     )
     local = batch // info.world
     every = int(train_cfg.get("checkpoint_every", 1))
@@ -199,11 +202,12 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
                     idx = perm[i * batch : (i + 1) * batch][info.rank * local : (info.rank + 1) * local]
                     x = images[idx.to(images.device)].to(device, non_blocking=True).float().div_(255)
                     g = step_generator(seed, 1 + epoch, step, info.rank, device=device)
-                    views = [augment(x, vc, g) for vc in views_cfg]
+                    views = [augment(x, vc, g).contiguous(memory_format=layout) for vc in views_cfg]
                     lr = lr_at(step, total, warmup, float(o["lr"]), float(o.get("final_lr_ratio", 0.0)))
                     for group in opt.param_groups:
                         group["lr"] = lr
-                    loss = model(views)
+                    with autocast(device, precision):
+                        loss = model(views)
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
                             f"loss became {loss.item()} at step {step} (epoch {epoch + 1}); lower optim.lr (now {o['lr']}) "
@@ -242,6 +246,7 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
         "steps": step,
         "batch_size": batch,
         "world_size": info.world,
+        "precision": precision,
         "final_loss": history[-1]["loss"] if history else math.nan,
         "history": history,
         "train_seconds_this_session": t_train,

@@ -69,7 +69,9 @@ def test_poisoned_pretraining_records_its_trigger_and_target_class_indices(tmp_p
     assert not torch.equal(weights(run)["backbone.conv1.weight"], weights(tmp_path / "clean")["backbone.conv1.weight"])
 
 
-def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_cfg, monkeypatch, precision):
+    tiny_cfg = apply_overrides(tiny_cfg, [f"train.precision={precision}"])
     pretrain(tiny_cfg, tmp_path / "full")
     calls = {"n": 0}
     real = trainer.augment
@@ -88,6 +90,40 @@ def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, tiny_cfg
     monkeypatch.setattr(trainer, "augment", real)
     pretrain(tiny_cfg, tmp_path / "cut", resume=True)
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_bf16_autocast_keeps_the_loss_in_fp32_and_close_to_fp32(tiny_cfg, method):
+    """The encoder and heads may run in bf16; the loss is computed in fp32 and moves by under 2%."""
+    from encoder_guard.encoders import Encoder, make_spec
+    from encoder_guard.utils import autocast
+
+    cfg = dict(tiny_cfg, method={"name": "byol", "proj_hidden_dim": 64, "pred_hidden_dim": 64} if method == "byol" else tiny_cfg["method"])
+    torch.manual_seed(0)
+    model = trainer.build_method(cfg, Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16))).eval()
+    views = [torch.rand(32, 1, 16, 16), torch.rand(32, 1, 16, 16)]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        full = model(views)
+        with autocast(cpu, "bf16"):
+            mixed = model(views)
+        channels_last = model.to(memory_format=torch.channels_last)(
+            [v.contiguous(memory_format=torch.channels_last) for v in views])
+    assert full.dtype == mixed.dtype == torch.float32
+    assert abs(float(mixed) - float(full)) <= 0.02 * abs(float(full)) + 1e-3
+    assert torch.allclose(channels_last, full, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_names_resolve_and_a_wrong_one_is_named():
+    from encoder_guard.utils import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision(None, cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
+        resolve_precision("fp16", cpu)
 
 
 def test_sigkill_then_resume_from_epoch_checkpoint(tmp_path):

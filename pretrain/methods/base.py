@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from encoder_guard.encoders import Encoder
@@ -34,6 +35,15 @@ class SSLMethod(nn.Module):
     def forward(self, views: list[Tensor]) -> Tensor:
         """DDP hooks gradient sync on ``forward``: the loss is computed through it."""
         return self.loss(views)
+
+    @staticmethod
+    def full_precision(z: Tensor) -> torch.autocast:
+        """A context that computes the loss on ``z``'s device outside mixed precision.
+
+        Under bf16 autocast, NT-Xent's similarity logits would keep 8 mantissa bits (a step of 0.03 at
+        the logit 1/τ = 5); the encoder and heads run in bf16, the loss in fp32.
+        """
+        return torch.autocast(z.device.type, enabled=False)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called after each optimiser step (momentum updates live here)."""

@@ -57,8 +57,10 @@ class BYOL(SSLMethod):
         return self.target_projection_head(self.target_encoder(x)).detach()
 
     def loss(self, views: list[Tensor]) -> Tensor:
-        v0, v1 = views
-        return 0.5 * (self.criterion(self._online(v0), self._target(v1)) + self.criterion(self._online(v1), self._target(v0)))
+        p0, p1 = self._online(views[0]), self._online(views[1])
+        t0, t1 = self._target(views[0]), self._target(views[1])
+        with self.full_precision(p0):
+            return 0.5 * (self.criterion(p0.float(), t1.float()) + self.criterion(p1.float(), t0.float()))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         m = cosine_schedule(step, max(total_steps, 1), self.momentum_base, 1.0)

@@ -45,7 +45,8 @@ class SimCLR(SSLMethod):
 
     def loss(self, views: list[Tensor]) -> Tensor:
         z0, z1 = (self.projection_head(self.encoder(v)) for v in views)
-        return self.criterion(z0, z1)
+        with self.full_precision(z0):
+            return self.criterion(z0.float(), z1.float())
 
     def hparams(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
