@@ -19,7 +19,7 @@ from typing import Any
 
 from encoder_guard.runs import RunDir
 
-DEMO_EPOCHS = 2
+DEMO_EPOCHS = 6
 DEMO_ATTACK: list[str] = []  # the badencoder-fmnist preset as it is
 # the two kinds of defense, kept to what fits the demo's ~15 minutes: MIMIC (minutes a cell), Purifier+ and
 # the classic baselines are in configs/compare/fmnist.yaml
