@@ -28,7 +28,7 @@ def resolve_precision(name: str | None, device: torch.device) -> str:
     """``fp32`` or ``bf16``; ``auto`` picks bf16 only where the hardware runs it natively.
 
     On CPUs with AVX512-BF16 or AMX, oneDNN's bf16 convolutions make a small ResNet's SimCLR step about
-    1.8× faster than fp32 (``benchmarks/throughput.py``); elsewhere bf16 is emulated and slower, so
+    1.9× faster than fp32 (``benchmarks/throughput.py``); elsewhere bf16 is emulated and slower, so
     ``auto`` keeps fp32 there.
     """
     name = name or "fp32"
