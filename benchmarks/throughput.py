@@ -35,8 +35,7 @@ def raw_step_time(cfg: dict, batch: int, steps: int, size: int, chans: int) -> f
     cpu = torch.device("cpu")
     precision = resolve_precision(cfg["train"].get("precision"), cpu)
     layout = torch.channels_last if cfg["train"].get("channels_last") else torch.contiguous_format
-    method = build_method(cfg, Encoder(make_spec(cfg["model"]["backbone"], in_chans=chans, input_size=size)))
-    method = method.to(memory_format=layout)
+    method = build_method(cfg, Encoder(make_spec(cfg["model"]["backbone"], in_chans=chans, input_size=size))).to(memory_format=layout)
     opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
     views = [torch.rand(batch, chans, size, size).contiguous(memory_format=layout) for _ in range(2)]
 

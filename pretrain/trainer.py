@@ -140,10 +140,9 @@ def pretrain(cfg: dict[str, Any], out: str | os.PathLike, resume: bool = False, 
                      ssl_method=cfg["method"]["name"],
                      **{k: v for k, v in model_cfg.items() if k not in ("backbone", "in_chans", "input_size")})
     encoder = Encoder(spec)
-    method = build_method(cfg, encoder).to(device)
     precision = resolve_precision(train_cfg.get("precision"), device)
     layout = torch.channels_last if train_cfg.get("channels_last") else torch.contiguous_format
-    method = method.to(memory_format=layout)
+    method = build_method(cfg, encoder).to(device, memory_format=layout)
     views_cfg = view_configs(cfg, method.views)
 
     o = cfg["optim"]
