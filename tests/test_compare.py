@@ -3,6 +3,7 @@
 import csv
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,15 @@ def test_markdown_and_csv_show_numbers_and_reasons(tmp_path):
     mimic = rows_csv[3]
     assert mimic[:3] == ["a", "mimic", "1"] and mimic[3:-1] == [""] * (len(mimic) - 4) and mimic[-1] == "not applicable: no data"
     assert float(rows_csv[2][3]) == pytest.approx(0.835)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_matrix_loads(path, tmp_path, monkeypatch):
+    """The shipped matrices name registered defenses and complete attacks (their encoders stubbed here)."""
+    m = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(tmp_path)
+    for attack in m["attacks"].values():
+        Path(attack["encoder"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(attack["encoder"]).touch()
+    loaded = load_matrix(path)
+    assert loaded["attacks"].keys() == m["attacks"].keys() and loaded["seeds"]
