@@ -59,7 +59,8 @@ def evaluate_config(args: argparse.Namespace) -> dict[str, Any]:
 
     base = {"encoder": str(args.encoder), "format": args.format, "dataset": args.dataset, "data_root": args.data_root,
             "train_split": "train", "test_split": "test", "train_fraction": None, "train_count": None,
-            "knn_k": 200, "knn_temperature": 0.1, "probe_weight_decay": 1e-4, "seed": 0, "cache": True}
+            "knn_k": 200, "knn_temperature": 0.1, "probe_weight_decay": 1e-4, "seed": 0, "cache": True,
+            "device": "cpu"}
     return apply_overrides(base, args.set)
 
 
@@ -81,7 +82,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if notes:
         run.logger.info(f"adapted {cfg['dataset']} to the encoder: {', '.join(notes)}")
     ecfg = EvalConfig(knn_k=int(cfg["knn_k"]), knn_temperature=float(cfg["knn_temperature"]),
-                      probe_weight_decay=float(cfg["probe_weight_decay"]), seed=int(cfg["seed"]), cache=bool(cfg["cache"]))
+                      probe_weight_decay=float(cfg["probe_weight_decay"]), seed=int(cfg["seed"]), cache=bool(cfg["cache"]),
+                      device=str(cfg["device"]))
     trigger = None
     if args.trigger:
         from encoder_guard.triggers import load_trigger

@@ -157,10 +157,12 @@ def distill(
             for epoch in range(start, schedule.epochs):
                 g = step_generator(schedule.seed, epoch)
                 perm = torch.randperm(n, generator=g)
+                # CUDA draws need a CUDA generator; on CPU order and views share one stream, as they always have
+                g_views = g if device.type == "cpu" else step_generator(schedule.seed, 1 + epoch, device=device)
                 sums: dict[str, float] = {}
                 for i in range(steps):
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
-                    v = torch.cat([augment(x, views, g), augment(x, views, g)])
+                    v = torch.cat([augment(x, views, g_views), augment(x, views, g_views)])
                     if use_maps:
                         feats, maps = model.encoder.forward_intermediates(v, taps)
                     else:
