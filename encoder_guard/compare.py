@@ -16,13 +16,17 @@ judged on the test set. The protocol is fixed for every cell:
   is reported as "n/a" with the reason instead of a number.
 
 A finished cell leaves ``metrics.json`` and is never recomputed, so an interrupted comparison is resumed
-by running the same command again; a cell whose defense was interrupted resumes that defense.
+by running the same command again; a cell whose defense was interrupted resumes that defense. Each cell
+records a digest of its settings (the defense's resolved config and the attack); when a preset or the
+matrix changes what a cell would run, the old cell is moved aside to ``seed<k>.stale-<n>`` and recomputed
+instead of being reported under settings it did not use.
 See ``configs/compare/`` for matrices.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ from typing import Any
 
 from encoder_guard.config import load_config, load_yaml
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.runs import RunDir, setup_logging
+from encoder_guard.runs import RunDir, get_logger, setup_logging
 
 NONE = "none"
 
@@ -87,6 +91,23 @@ def defense_config(matrix: dict[str, Any], attack: dict[str, Any], label: str, s
     return method, cfg
 
 
+def settings_digest(method: str, cfg: dict[str, Any], attack: dict[str, Any]) -> str:
+    """What a cell runs, as a short digest: the defense, its resolved config and the attack it faces."""
+    blob = json.dumps({"method": method, "config": cfg, "attack": attack}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _move_aside(cell: Path) -> Path:
+    """Keep a cell computed under other settings next to its replacement (nothing is deleted)."""
+    k = 1
+    while (stale := cell.with_name(f"{cell.name}.stale-{k}")).exists():
+        k += 1
+    cell.rename(stale)
+    get_logger().warning(f"{cell} was computed under other settings (preset or matrix changed): moved to {stale.name}, "
+                         "recomputing")
+    return stale
+
+
 def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path) -> dict[str, Any]:
     """One cell's metrics (from ``cell/metrics.json`` when it is already done)."""
     from downstream.classifier import fit_classifier
@@ -95,17 +116,22 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
     from encoder_guard.defenses.runner import run_defense
     from encoder_guard.encoders import load_encoder
 
-    done = cell / "metrics.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     attack = matrix["attacks"][attack_name]
     reason = ((matrix["defenses"][label] or {}).get("not_applicable") or {}).get(attack_name)
     if reason:
         return {"attack": attack_name, "defense": label, "seed": seed, "ca": None, "asr": None,
                 "note": f"not applicable: {reason}"}
     method, cfg = defense_config(matrix, attack, label, seed)
+    digest = settings_digest(method, cfg, attack)
+    done = cell / "metrics.json"
+    if done.is_file():
+        cached = json.loads(done.read_text())
+        if cached.get("settings_digest", digest) == digest:  # cells from before digests are kept as they are
+            return cached
+        _move_aside(cell)
     encoder = load_encoder(attack["encoder"])
-    out: dict[str, Any] = {"attack": attack_name, "defense": label, "method": method, "seed": seed}
+    out: dict[str, Any] = {"attack": attack_name, "defense": label, "method": method, "seed": seed,
+                           "settings_digest": digest}
     t0 = time.perf_counter()
     if method == NONE:
         ds = downstream_setup(cfg, encoder, seed, clean=False)

@@ -138,6 +138,27 @@ def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file
     assert [c["ca"] for c in again] == [c["ca"] for c in cells] and (cell / "metrics.json").is_file()
 
 
+def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix_file, tmp_path):
+    """A preset or matrix edit must not leave a cell reported under settings it did not run with."""
+    m = load_matrix(matrix_file)
+    m["seeds"] = [0]
+    m["defenses"] = {"d3": m["defenses"]["d3"]}
+    out = tmp_path / "cmp"
+    first, _ = run_matrix(m, out)
+    cell = out / "cells" / "badnets" / "d3" / "seed0"
+    none_metrics = (out / "cells" / "badnets" / "none" / "seed0" / "metrics.json").stat().st_mtime_ns
+    m["defenses"]["d3"] = {**m["defenses"]["d3"], "steps": 7}
+    again, _ = run_matrix(m, out)
+    stale = cell.with_name("seed0.stale-1")
+    old = next(c for c in first if c["defense"] == "d3")
+    assert json.loads((stale / "metrics.json").read_text())["ca"] == old["ca"]
+    assert json.loads((cell / "defense" / "report.json").read_text())["hparams"]["steps"] == 7
+    assert "moved to seed0.stale-1" in (out / "log.txt").read_text()
+    d3 = next(c for c in again if c["defense"] == "d3")
+    assert d3["settings_digest"] != old["settings_digest"]
+    assert (out / "cells" / "badnets" / "none" / "seed0" / "metrics.json").stat().st_mtime_ns == none_metrics
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("attacks"), "'attacks' must map"),
     (lambda m: m["attacks"]["badnets"].pop("target"), "lacks target"),
