@@ -210,6 +210,19 @@ def cmd_trigger_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trigger_make(args: argparse.Namespace) -> int:
+    from encoder_guard.config import apply_overrides
+    from encoder_guard.triggers import save_trigger
+    from encoder_guard.triggers.factory import build_trigger
+
+    cfg = apply_overrides({"kind": "patch", "size": None, "position": "bottom-right", "pattern": "white", "seed": 0,
+                           "alpha": None, "magnitude": None}, args.set)
+    trigger = build_trigger(cfg, args.image_size, args.channels)
+    path = save_trigger(trigger, Path(args.out))
+    print(f"{trigger!r} → {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- info
 
 
@@ -296,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True)
     ap.set_defaults(func=cmd_analyze_mi)
 
-    sp = sub.add_parser("trigger", help="look at a trigger")
+    sp = sub.add_parser("trigger", help="make or look at a trigger")
     tsub = sp.add_subparsers(dest="trigger_command", required=True)
     tp = tsub.add_parser("show", help="write a picture of clean vs triggered samples")
     tp.add_argument("file")
@@ -305,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--data-root", default=None)
     tp.add_argument("--count", type=int, default=6)
     tp.set_defaults(func=cmd_trigger_show)
+    tp = tsub.add_parser("make", help="write a trigger file (the keys of an attack preset's trigger section)")
+    tp.add_argument("--image-size", type=int, required=True, help="side of the (square) images, e.g. 28")
+    tp.add_argument("--channels", type=int, required=True, help="1 for grayscale, 3 for colour")
+    tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="kind=patch|blend|ctrl, size, position, pattern, seed, alpha, magnitude")
+    tp.add_argument("--out", required=True, help="trigger file (.safetensors)")
+    tp.set_defaults(func=cmd_trigger_make)
 
     sp = sub.add_parser("detect", help="TAC target test: is there a class every input is a small shift away from?")
     _add_encoder_args(sp)

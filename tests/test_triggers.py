@@ -110,3 +110,21 @@ def test_reference_images_round_trip(tmp_path):
     x = torch.rand(3, 1, 28, 28)
     back = load_reference_images(save_reference_images(x, tmp_path / "ref.npz"))
     assert back.shape == x.shape and (back - x).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_cli_makes_a_trigger_file_that_loads_as_the_preset_keys_describe(tmp_path, capsys):
+    from encoder_guard.cli import main
+
+    out = tmp_path / "badnets3.safetensors"
+    assert main(["trigger", "make", "--image-size", "28", "--channels", "1", "--set", "size=3", "--out", str(out)]) == 0
+    made, expected = load_trigger(out), PatchTrigger.square(28, 1, size=3)
+    assert torch.equal(made.mask, expected.mask) and torch.equal(made.pattern, expected.pattern)
+    assert made.params()["box"] == [24, 24, 26, 26]
+    assert main(["trigger", "show", str(out), "--dataset", "synthetic", "--out", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 0
+    blend = tmp_path / "blend.safetensors"
+    main(["trigger", "make", "--image-size", "32", "--channels", "3", "--set", "kind=blend", "--set", "alpha=0.1",
+          "--out", str(blend)])
+    assert isinstance(load_trigger(blend), BlendTrigger)
+    assert main(["trigger", "make", "--image-size", "28", "--channels", "1", "--set", "kind=nope", "--out", str(blend)]) != 0
+    assert "unknown trigger kind 'nope'" in capsys.readouterr().err
