@@ -92,9 +92,21 @@ def defense_config(matrix: dict[str, Any], attack: dict[str, Any], label: str, s
 
 
 def settings_digest(method: str, cfg: dict[str, Any], attack: dict[str, Any]) -> str:
-    """What a cell runs, as a short digest: the defense, its resolved config and the attack it faces."""
-    blob = json.dumps({"method": method, "config": cfg, "attack": attack}, sort_keys=True, default=str)
+    """What a cell runs, as a short digest: the defense, its resolved config (less ``train``: device and
+    threads say how it runs, not what) and the attack it faces."""
+    what = {k: v for k, v in cfg.items() if k != "train"}
+    blob = json.dumps({"method": method, "config": what, "attack": attack}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path) -> dict[str, Any] | None:
+    """The finished cell's metrics if it ran under the settings the matrix asks for now, else ``None``."""
+    done = cell / "metrics.json"
+    if not done.is_file():
+        return None
+    cached = json.loads(done.read_text())
+    digest = settings_digest(*defense_config(matrix, matrix["attacks"][attack_name], label, seed), matrix["attacks"][attack_name])
+    return cached if cached.get("settings_digest", digest) == digest else None  # cells from before digests are kept
 
 
 def _move_aside(cell: Path) -> Path:
@@ -125,8 +137,7 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
     digest = settings_digest(method, cfg, attack)
     done = cell / "metrics.json"
     if done.is_file():
-        cached = json.loads(done.read_text())
-        if cached.get("settings_digest", digest) == digest:  # cells from before digests are kept as they are
+        if (cached := cached_cell(matrix, attack_name, label, seed, cell)) is not None:
             return cached
         _move_aside(cell)
     encoder = load_encoder(attack["encoder"])
@@ -173,7 +184,7 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
     cells = []
     for i, (a, d, s) in enumerate(todo, 1):
         cell = out / "cells" / a / d / f"seed{s}"
-        state = "cached" if (cell / "metrics.json").is_file() else "running"
+        state = "cached" if cached_cell(matrix, a, d, s, cell) is not None else "running"
         setup_logging(run.file("log.txt"))  # a cell's defense run points the log at its own directory
         run.logger.info(f"[{i}/{len(todo)}] {a} × {d} × seed {s} ({state})")
         cells.append(run_cell(matrix, a, d, s, cell))

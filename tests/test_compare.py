@@ -153,10 +153,14 @@ def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix
     old = next(c for c in first if c["defense"] == "d3")
     assert json.loads((stale / "metrics.json").read_text())["ca"] == old["ca"]
     assert json.loads((cell / "defense" / "report.json").read_text())["hparams"]["steps"] == 7
-    assert "moved to seed0.stale-1" in (out / "log.txt").read_text()
+    log = (out / "log.txt").read_text()
+    assert "moved to seed0.stale-1" in log and "d3 × seed 0 (running)" in log.split("report →")[1]
     d3 = next(c for c in again if c["defense"] == "d3")
     assert d3["settings_digest"] != old["settings_digest"]
     assert (out / "cells" / "badnets" / "none" / "seed0" / "metrics.json").stat().st_mtime_ns == none_metrics
+    m["train"] = {"threads": 2}  # how a cell runs is not what it runs: nothing is recomputed
+    run_matrix(m, out)
+    assert not cell.with_name("seed0.stale-2").exists()
 
 
 @pytest.mark.parametrize("edit, message", [
