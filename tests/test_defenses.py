@@ -48,9 +48,11 @@ def test_mimic_writes_a_loadable_student_and_a_report(teacher, tmp_path):
     weights = list(report["stage_weights"].values())
     assert sum(weights) / len(weights) == pytest.approx(1.0)
     assert report["data"]["images"] == 128 and report["wall_seconds"] > 0
-    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
+    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}  # the preset leaves the clone loss off
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["stage_weights"] == report["stage_weights"]
+    report = run_defense("mimic", load_config("mimic", "defend", FAST + ["defense.clone=1"]), teacher, tmp_path / "c")
+    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
 
 
 def test_baselines_switch_their_losses(teacher, tmp_path):
@@ -74,7 +76,7 @@ def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
     run_defense("mimic", cfg, teacher, tmp_path / "full")
     import encoder_guard.defenses.distill as distill_mod
 
-    real, calls = distill_mod.clone_loss, {"n": 0}
+    real, calls = distill_mod.attention_loss, {"n": 0}
 
     def interrupting(*args):
         calls["n"] += 1
@@ -82,10 +84,10 @@ def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(distill_mod, "clone_loss", interrupting)
+    monkeypatch.setattr(distill_mod, "attention_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_defense("mimic", cfg, teacher, tmp_path / "cut")
-    monkeypatch.setattr(distill_mod, "clone_loss", real)
+    monkeypatch.setattr(distill_mod, "attention_loss", real)
     with pytest.raises(EncoderGuardError, match="--resume"):
         run_defense("mimic", cfg, teacher, tmp_path / "cut")
     run_defense("mimic", cfg, teacher, tmp_path / "cut", resume=True)
