@@ -99,13 +99,12 @@ def settings_digest(method: str, cfg: dict[str, Any], attack: dict[str, Any]) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path) -> dict[str, Any] | None:
-    """The finished cell's metrics if it ran under the settings the matrix asks for now, else ``None``."""
+def cached_cell(cell: Path, digest: str) -> dict[str, Any] | None:
+    """The finished cell's metrics if it ran under the settings with this digest, else ``None``."""
     done = cell / "metrics.json"
     if not done.is_file():
         return None
     cached = json.loads(done.read_text())
-    digest = settings_digest(*defense_config(matrix, matrix["attacks"][attack_name], label, seed), matrix["attacks"][attack_name])
     return cached if cached.get("settings_digest", digest) == digest else None  # cells from before digests are kept
 
 
@@ -120,25 +119,29 @@ def _move_aside(cell: Path) -> Path:
     return stale
 
 
-def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path) -> dict[str, Any]:
-    """One cell's metrics (from ``cell/metrics.json`` when it is already done)."""
+def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path, progress: str = "") -> dict[str, Any]:
+    """One cell's metrics (from ``cell/metrics.json`` when it is already done); logs ``progress`` and its state."""
     from downstream.classifier import fit_classifier
     from encoder_guard.defenses import defense_level
     from encoder_guard.defenses.downstream import deployed_classifier, downstream_setup
     from encoder_guard.defenses.runner import run_defense
     from encoder_guard.encoders import load_encoder
 
+    log = get_logger()
     attack = matrix["attacks"][attack_name]
     reason = ((matrix["defenses"][label] or {}).get("not_applicable") or {}).get(attack_name)
     if reason:
+        log.info(f"{progress}{attack_name} × {label} × seed {seed} (not applicable)")
         return {"attack": attack_name, "defense": label, "seed": seed, "ca": None, "asr": None,
                 "note": f"not applicable: {reason}"}
     method, cfg = defense_config(matrix, attack, label, seed)
     digest = settings_digest(method, cfg, attack)
+    cached = cached_cell(cell, digest)
+    log.info(f"{progress}{attack_name} × {label} × seed {seed} ({'running' if cached is None else 'cached'})")
+    if cached is not None:
+        return cached
     done = cell / "metrics.json"
     if done.is_file():
-        if (cached := cached_cell(matrix, attack_name, label, seed, cell)) is not None:
-            return cached
         _move_aside(cell)
     encoder = load_encoder(attack["encoder"])
     out: dict[str, Any] = {"attack": attack_name, "defense": label, "method": method, "seed": seed,
@@ -183,11 +186,8 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
     todo = [(a, d, s) for a in matrix["attacks"] for s in seeds[NONE] for d in labels if s in seeds[d]]
     cells = []
     for i, (a, d, s) in enumerate(todo, 1):
-        cell = out / "cells" / a / d / f"seed{s}"
-        state = "cached" if cached_cell(matrix, a, d, s, cell) is not None else "running"
         setup_logging(run.file("log.txt"))  # a cell's defense run points the log at its own directory
-        run.logger.info(f"[{i}/{len(todo)}] {a} × {d} × seed {s} ({state})")
-        cells.append(run_cell(matrix, a, d, s, cell))
+        cells.append(run_cell(matrix, a, d, s, out / "cells" / a / d / f"seed{s}", progress=f"[{i}/{len(todo)}] "))
     setup_logging(run.file("log.txt"))
     base = {(c["attack"], c["seed"]): c for c in cells if c["defense"] == NONE}
     for c in cells:

@@ -122,11 +122,16 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
     assert (out / "report.md").read_text() == md
 
 
-def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file, tmp_path, monkeypatch):
-    """Interrupted after the defense wrote report.json but before metrics.json: the report is reused."""
+def _d3_seed0(matrix_file) -> dict:
     m = load_matrix(matrix_file)
     m["seeds"] = [0]
     m["defenses"] = {"d3": m["defenses"]["d3"]}
+    return m
+
+
+def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file, tmp_path, monkeypatch):
+    """Interrupted after the defense wrote report.json but before metrics.json: the report is reused."""
+    m = _d3_seed0(matrix_file)
     out = tmp_path / "cmp"
     cells, _ = run_matrix(m, out)
     cell = out / "cells" / "badnets" / "d3" / "seed0"
@@ -140,9 +145,7 @@ def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file
 
 def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix_file, tmp_path):
     """A preset or matrix edit must not leave a cell reported under settings it did not run with."""
-    m = load_matrix(matrix_file)
-    m["seeds"] = [0]
-    m["defenses"] = {"d3": m["defenses"]["d3"]}
+    m = _d3_seed0(matrix_file)
     out = tmp_path / "cmp"
     first, _ = run_matrix(m, out)
     cell = out / "cells" / "badnets" / "d3" / "seed0"
