@@ -213,10 +213,9 @@ def cmd_trigger_show(args: argparse.Namespace) -> int:
 def cmd_trigger_make(args: argparse.Namespace) -> int:
     from encoder_guard.config import apply_overrides
     from encoder_guard.triggers import save_trigger
-    from encoder_guard.triggers.factory import build_trigger
+    from encoder_guard.triggers.factory import TRIGGER_KEYS, build_trigger
 
-    cfg = apply_overrides({"kind": "patch", "size": None, "position": "bottom-right", "pattern": "white", "seed": 0,
-                           "alpha": None, "magnitude": None}, args.set)
+    cfg = apply_overrides(TRIGGER_KEYS, args.set)
     trigger = build_trigger(cfg, args.image_size, args.channels)
     path = save_trigger(trigger, Path(args.out))
     print(f"{trigger!r} → {path}")
@@ -322,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--image-size", type=int, required=True, help="side of the (square) images, e.g. 28")
     tp.add_argument("--channels", type=int, required=True, help="1 for grayscale, 3 for colour")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="kind=patch|blend|ctrl, size, position, pattern, seed, alpha, magnitude")
+                    help="kind=patch|blend|ctrl, size, position, pattern, seed, alpha, magnitude, window, frequencies")
     tp.add_argument("--out", required=True, help="trigger file (.safetensors)")
     tp.set_defaults(func=cmd_trigger_make)
 

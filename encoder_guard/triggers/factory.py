@@ -12,6 +12,11 @@ from encoder_guard.triggers.io import load_trigger
 from encoder_guard.triggers.patch import PatchTrigger
 
 
+# Every key build_trigger reads, with its default (None: the kind's own default)
+TRIGGER_KEYS: dict[str, Any] = {"kind": "patch", "size": None, "position": "bottom-right", "pattern": "white", "seed": 0,
+                                "alpha": None, "magnitude": None, "window": None, "frequencies": None}
+
+
 def build_trigger(cfg: dict[str, Any], image_size: int, channels: int) -> Trigger:
     """A trigger for ``channels``×``image_size``² images.
 
