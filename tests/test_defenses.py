@@ -97,6 +97,13 @@ def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
+def test_an_out_of_range_setting_is_one_clear_error(teacher, tmp_path):
+    cfg = load_config("mimic", "defend", FAST + ["defense.schedule.lr=-0.1"])
+    with pytest.raises(EncoderGuardError, match=r"defend mimic: .*lr > 0.*change that value"):
+        run_defense("mimic", cfg, teacher, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing to clean up before the corrected rerun
+
+
 def test_cli_defend_and_analyze_mi(teacher, tmp_path, capsys):
     ckpt = save_encoder(teacher, tmp_path / "t.safetensors")
     args = ["defend", "distill", "--encoder", str(ckpt), "--out", str(tmp_path / "run")]

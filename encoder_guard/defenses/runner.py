@@ -48,13 +48,16 @@ def run_defense(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, res
     done = out / ("report.json" if level == "classifier" else "encoder.safetensors")
     if done.exists() and not resume:
         raise EncoderGuardError(f"{out} already holds a defended model; choose another --out")
-    check_run_dir(out, out / "checkpoints", resume)
-    run = RunDir(out, cfg)
     seed = int(cfg.get("seed", 0))
     train = cfg.get("train") or {}
+    try:
+        defense = DEFENSES.get(name)(**(cfg.get("defense") or {}), seed=seed, device=train.get("device", "cpu"))
+    except ValueError as exc:  # a setting out of range: one line naming it, before any run directory is made
+        raise EncoderGuardError(f"defend {name}: {exc}; change that value in the config or its --set") from exc
+    check_run_dir(out, out / "checkpoints", resume)
+    run = RunDir(out, cfg)
     if train.get("threads"):
         torch.set_num_threads(int(train["threads"]))
-    defense = DEFENSES.get(name)(**(cfg.get("defense") or {}), seed=seed, device=train.get("device", "cpu"))
     if level == "classifier":
         return _run_classifier_defense(name, defense, cfg, encoder, out, run, resume)
     data = defense_data(cfg, encoder, seed) if getattr(defense, "uses_clean", True) else DefenseData(None, 0)
