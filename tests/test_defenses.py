@@ -71,8 +71,9 @@ def test_clean_data_budget_is_enforced(teacher, tmp_path):
         run_defense("mimic", cfg, teacher, tmp_path / "run")
 
 
-def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch):
-    cfg = load_config("mimic", "defend", FAST + ["defense.mi.estimator=gaussian"])
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch, ema):
+    cfg = load_config("mimic", "defend", FAST + ["defense.mi.estimator=gaussian", f"defense.schedule.ema={ema}"])
     run_defense("mimic", cfg, teacher, tmp_path / "full")
     import encoder_guard.defenses.distill as distill_mod
 
@@ -102,6 +103,22 @@ def test_an_out_of_range_setting_is_one_clear_error(teacher, tmp_path):
     with pytest.raises(EncoderGuardError, match=r"defend mimic: .*lr > 0.*change that value"):
         run_defense("mimic", cfg, teacher, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # nothing to clean up before the corrected rerun
+
+
+def test_ema_returns_the_averaged_student_and_refuses_a_checkpoint_without_one(teacher, tmp_path):
+    sets = FAST + ["defense.mi.estimator=gaussian", "defense.schedule.ema=0"]
+    run_defense("mimic", load_config("mimic", "defend", sets), teacher, tmp_path / "raw")
+    run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "ema")
+    raw = load_encoder(tmp_path / "raw" / "encoder.safetensors").state_dict()
+    ema = load_encoder(tmp_path / "ema" / "encoder.safetensors").state_dict()
+    # the average draws nothing from the random streams: same trajectory as the raw run, only the average differs
+    assert not torch.equal(raw["backbone.conv1.weight"], ema["backbone.conv1.weight"])
+    assert torch.allclose(raw["backbone.conv1.weight"], ema["backbone.conv1.weight"], atol=0.05)
+    with pytest.raises(EncoderGuardError, match=r"defend mimic: ema is a decay in \[0, 1\)"):
+        run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=1"]), teacher, tmp_path / "bad")
+    with pytest.raises(EncoderGuardError, match="without an EMA student"):
+        run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "raw",
+                    resume=True)
 
 
 def test_cli_defend_and_analyze_mi(teacher, tmp_path, capsys):
