@@ -23,7 +23,7 @@ stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining
 
 ``Schedule.ema`` > 0 returns, instead of the last weights, their exponential moving average (weights and
 BatchNorm statistics, torch's ``AveragedModel``): on MIMIC a slower average trades clean accuracy for a
-lower trigger response, since the student picks up the teacher's trigger late in training (README).
+lower trigger response: the more early weights the average holds, the lower the ASR (README).
 
 - [0] Mutual Information Guided Backdoor Mitigation for Pre-Trained Encoders, Han et al., IEEE TIFS 2025
 - [1] Neural Attention Distillation, Li et al., ICLR 2021, https://arxiv.org/abs/2101.05930
