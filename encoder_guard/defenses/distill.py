@@ -148,8 +148,9 @@ def distill(
     total = schedule.epochs * steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))  # cosine to 0
     ntxent = NTXentLoss(temperature=schedule.temperature)
-    # an exponential moving average of the student's weights and BatchNorm statistics, returned in its place
-    ema = AveragedModel(model.encoder, multi_avg_fn=get_ema_multi_avg_fn(schedule.ema), use_buffers=True) if schedule.ema else None
+    ema = None  # an exponential moving average of the student's weights and BatchNorm statistics, returned in its place
+    if schedule.ema > 0:
+        ema = AveragedModel(model.encoder, multi_avg_fn=get_ema_multi_avg_fn(schedule.ema), use_buffers=True)
     taps = list(weights.taps)
     use_maps = weights.attention > 0
     start, history = 0, []
@@ -210,7 +211,9 @@ def distill(
                 if (epoch + 1) % schedule.checkpoint_every == 0 or epoch + 1 == schedule.epochs:
                     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}
-                    save_state(checkpoint, state if ema is None else {**state, "ema": ema.state_dict()})
+                    if ema is not None:
+                        state["ema"] = ema.state_dict()
+                    save_state(checkpoint, state)
                     log.info(f"{desc}: epoch {epoch + 1}/{schedule.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
     except KeyboardInterrupt:
         log.info(f"{desc}: interrupted; {checkpoint} holds the last saved epoch; continue with --resume")
