@@ -167,7 +167,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         mark = "  ← smallest" if k == found.candidate else ""
         print(f"  {k:>2} {classes[k][:20]:<20} ‖s‖ = {n:.4f}{mark}")
     verdict = (f"BACKDOOR suspected: target class {found.candidate} ({classes[found.candidate]})" if found.flagged
-               else "no backdoor target found")
+               else "no class stands out (the test reads the head: a backdoor inside the encoder under a clean head "
+                    "passes it; README, TAC)")
     run.logger.info(f"{verdict}; p = {found.p_value:.3g} at alpha {args.alpha} → {run.file('detection.json')}")
     return 0
 
