@@ -115,7 +115,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--collapse", type=float, default=0.85, help="mean centred cosine the collapse inversion must reach")
     args = ap.parse_args()
-    torch.manual_seed(0)
     rows = [one(*spec.split("=", 1), args.trigger, args.target, s, args)
             for spec in args.encoder for s in args.seeds]
     lines = [f"Mask inversion ({args.steps} Adam steps on {args.refs} clean references; `{args.trigger}`, target "
