@@ -78,9 +78,10 @@ def one(name: str, path: str, trigger_path: str, target: int, seed: int, args: a
     with torch.no_grad():
         centre = encoder(pool).mean(0)
         stamped = trigger(x)
+        feats = encoder(stamped)  # once, for both the probe's reading and the collapse
         trigger_pixels = float((stamped != x).any(1).float().sum((1, 2)).mean())
-        trigger_hits = float((clf(stamped).argmax(1) == target).float().mean())
-        trigger_collapse = float(mean_cosine(encoder(stamped) - centre))
+        trigger_hits = float((clf.head(feats).argmax(1) == target).float().mean())
+        trigger_collapse = float(mean_cosine(feats - centre))
     t0 = time.perf_counter()
     per_class = []
     for k in range(clf.num_classes):
