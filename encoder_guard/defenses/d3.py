@@ -10,11 +10,12 @@ under a bound ε:
     minimise  λ · mean_i ReLU(CE_i − ε)  −  ‖W − W⁰‖₂,     then rescale each weight tensor to ‖W⁰‖,
 
 so the weights rotate rather than grow (growth would be a cheap way to move far without changing the
-function). λ rises by dual ascent while the mean clean loss exceeds ε. A short recovery phase of plain
-clean-loss descent from the far point follows (``recover_steps``; norms still fixed): it settles the
-rotated weights back onto the clean task without pulling them toward W⁰ (measured in the README: CA
-85.6% → 86.9%, ASR 7.5% → 2.2% on the BadNets threat). Labels of a small clean set (5% by default) are
-what it needs; nothing about the trigger.
+function). λ rises by dual ascent while the mean clean loss exceeds ε. A recovery phase of plain
+clean-loss descent from the far point follows (``recover_steps``, 600; norms still fixed): it settles the
+rotated weights back onto the clean task without pulling them toward W⁰ (the relative distance stays where
+the first phase left it). Under BadNets poisoning 600 steps cost less CA than 200 at the same ASR, and take
+BadNets' 3×3 patch under 2% where 200 do not (README, "BadNets-style triggers"); under a backdoored
+encoder, a shorter recovery leaves a lower ASR only by leaving the classifier unrecovered. Labels of a small clean set (5% by default) are what it needs; nothing about the trigger.
 
 Weights: ``layers = head`` changes only the linear head (the classifier's last layer); a tap name
 (e.g. ``layer3``) also changes every stage after it. ε is ``epsilon`` if given, else
@@ -54,7 +55,7 @@ class D3:
 
     def __init__(self, layers: str = "layer3", epsilon: float | None = None, epsilon_scale: float = 1.0,
                  penalty: float = 1.0, steps: int = 500, lr: float = 0.005, batch_size: int = 256, per_sample: bool = False,
-                 dual_lr: float = 10.0, recover_steps: int = 200, seed: int = 0, device: str = "cpu") -> None:
+                 dual_lr: float = 10.0, recover_steps: int = 600, seed: int = 0, device: str = "cpu") -> None:
         if penalty <= 0 or steps < 1 or lr <= 0:
             raise ValueError("penalty, steps and lr must be positive")
         self.layers, self.epsilon, self.epsilon_scale, self.penalty = layers, epsilon, epsilon_scale, penalty
