@@ -17,7 +17,7 @@ from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
 from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup, selection_quality
-from encoder_guard.defenses.padft import PADFT, keep_lowest, sce_scores, symmetric_cross_entropy
+from encoder_guard.defenses.padft import PADFT, cluster_suspects, keep_lowest, sce_scores, symmetric_cross_entropy
 from encoder_guard.defenses.runner import run_defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
@@ -150,6 +150,24 @@ def test_sce_self_purification_drops_relabelled_samples(dim):
     q = selection_quality(kept, bad, n)
     assert q["poisoned"] == 40 and q["poison_recall"] >= 0.95 and q["clean_precision"] >= 0.95
     assert scores[bad].mean() > scores[~torch.isin(torch.arange(n), bad)].mean()
+
+
+def test_cluster_guard_sets_aside_a_second_population_and_nothing_else():
+    """Five Gaussian classes; then class 0 also gets a tight blob far from it (what a clean encoder makes of a
+    blended trigger's relabelled images). Only the blob is set aside; without it nothing is."""
+    g = torch.Generator().manual_seed(0)
+    classes, per, dim, n_blob = 5, 200, 16, 60
+    centers = 4 * torch.randn(classes, dim, generator=g)
+    y = torch.arange(classes * per) % classes
+    feats = centers[y] + torch.randn(len(y), dim, generator=g)
+    mask, report = cluster_suspects(feats, y, classes, ratio=1.6)
+    assert not mask.any() and report["flagged_classes"] == [] and report["set_aside"] == 0
+    assert max(report["silhouettes"]) < 1.6 * report["median"]
+    blob = 4 * torch.randn(dim, generator=g) + 0.3 * torch.randn(n_blob, dim, generator=g)
+    mask, report = cluster_suspects(torch.cat([feats, blob]), torch.cat([y, torch.zeros(n_blob, dtype=torch.long)]),
+                                    classes, ratio=1.6)
+    assert report["flagged_classes"] == [0] and report["set_aside"] == n_blob
+    assert mask[len(y):].all() and not mask[: len(y)].any()
 
 
 def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
