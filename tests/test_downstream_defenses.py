@@ -196,6 +196,8 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
 def test_padft_validates_its_arguments():
     with pytest.raises(ValueError, match="keep"):
         PADFT(keep=0)
+    with pytest.raises(ValueError, match="cluster_ratio"):
+        PADFT(cluster_ratio=1.0)
     with pytest.raises(ValueError, match="clip_quantile"):
         PADFT(clip_quantile=0.4)
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -84,9 +83,10 @@ def sce_logits(feats: Tensor, y: Tensor, num_classes: int, epochs: int = 1, lr: 
 
 
 def sce_scores(feats: Tensor, y: Tensor, num_classes: int, epochs: int = 1, lr: float = 0.01, batch_size: int = 512,
-               alpha: float = 0.1, beta: float = 1.0, seed: int = 0) -> Tensor:
-    """SCE of every sample under a linear scorer trained with SCE on all of ``(feats, y)``."""
-    logits = sce_logits(feats, y, num_classes, epochs, lr, batch_size, alpha, beta, seed)
+               alpha: float = 0.1, beta: float = 1.0, seed: int = 0, fit: Tensor | None = None) -> Tensor:
+    """SCE of every sample under a linear scorer trained with SCE on ``(feats, y)`` (on the samples ``fit``
+    only when given)."""
+    logits = sce_logits(feats, y, num_classes, epochs, lr, batch_size, alpha, beta, seed, fit)
     return symmetric_cross_entropy(logits, y, alpha, beta)
 
 
@@ -112,7 +112,7 @@ def cluster_suspects(feats: Tensor, y: Tensor, num_classes: int, ratio: float, s
         sil.append(float(silhouette_score(x[idx], split, sample_size=min(sample, len(idx)), random_state=seed)))
         small.append(idx[split == np.argmin(np.bincount(split, minlength=2))])
     med = float(np.median(sil))
-    flagged = [c for c in range(num_classes) if sil[c] >= ratio * med > 0]
+    flagged = [c for c in range(num_classes) if med > 0 and sil[c] >= ratio * med]
     mask = torch.zeros(len(y), dtype=torch.bool)
     for c in flagged:
         mask[torch.as_tensor(small[c])] = True
@@ -154,9 +154,12 @@ class PADFT:
     def __init__(self, keep: float = 0.5, score_epochs: int = 1, score_lr: float = 0.01, sce_alpha: float = 0.1,
                  sce_beta: float = 1.0, clip_quantile: float | None = 0.999, epochs: int = 20, lr: float = 0.01,
                  weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 1.0, mask: float = 0.2,
-                 reinit: bool = False, second_pass: bool = True, cluster_ratio: float | None = 1.6, seed: int = 0, device: str = "cpu") -> None:
+                 reinit: bool = False, second_pass: bool = True, cluster_ratio: float | None = 1.6, seed: int = 0,
+                 device: str = "cpu") -> None:
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
+        if cluster_ratio is not None and cluster_ratio <= 1:
+            raise ValueError(f"cluster_ratio must be > 1 (times the median class's silhouette) or null, got {cluster_ratio}")
         if clip_quantile is not None and not 0.5 < clip_quantile <= 1:
             raise ValueError(f"clip_quantile must be in (0.5, 1] or null, got {clip_quantile}")
         self.keep, self.score_epochs, self.score_lr, self.sce_alpha, self.sce_beta = keep, score_epochs, score_lr, sce_alpha, sce_beta
@@ -175,9 +178,8 @@ class PADFT:
         if self.cluster_ratio is not None:
             suspect, guard = cluster_suspects(feats, y, clf.num_classes, self.cluster_ratio, self.seed)
         fit = (~suspect).nonzero().flatten() if suspect.any() else None
-        scores = symmetric_cross_entropy(sce_logits(feats, y, clf.num_classes, fit=fit, **kw), y, self.sce_alpha,
-                                         self.sce_beta)
-        kept = keep_lowest(scores.masked_fill(suspect, float("inf")), y, self.keep)
+        scores = sce_scores(feats, y, clf.num_classes, fit=fit, **kw).masked_fill(suspect, float("inf"))
+        kept = keep_lowest(scores, y, self.keep)
         first = len(kept)
         if self.second_pass:  # a scorer that never saw the removed samples decides on every sample
             agree = sce_logits(feats, y, clf.num_classes, fit=kept, **kw).argmax(1) == y
