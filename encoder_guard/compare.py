@@ -19,7 +19,8 @@ A finished cell leaves ``metrics.json`` and is never recomputed, so an interrupt
 by running the same command again; a cell whose defense was interrupted resumes that defense. Each cell
 records a digest of its settings (the defense's resolved config and the attack); when a preset or the
 matrix changes what a cell would run, the old cell is moved aside to ``seed<k>.stale-<n>`` and recomputed
-instead of being reported under settings it did not use.
+instead of being reported under settings it did not use. A cell from before digests cannot be checked:
+it is kept, and the log says so (delete it to recompute).
 See ``configs/compare/`` for matrices.
 """
 
@@ -139,6 +140,9 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
     cached = cached_cell(cell, digest)
     log.info(f"{progress}{attack_name} × {label} × seed {seed} ({'running' if cached is None else 'cached'})")
     if cached is not None:
+        if "settings_digest" not in cached:
+            log.warning(f"{cell} predates settings digests, so nothing can tell whether the current preset and matrix "
+                        "would run it the same way; kept as it is (delete it to recompute)")
         return cached
     done = cell / "metrics.json"
     if done.is_file():

@@ -164,6 +164,13 @@ def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix
     m["train"] = {"threads": 2}  # how a cell runs is not what it runs: nothing is recomputed
     run_matrix(m, out)
     assert not cell.with_name("seed0.stale-2").exists()
+    # a cell from before digests cannot be checked: it is kept, and the log says so
+    done = cell / "metrics.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "settings_digest"}))
+    m["defenses"]["d3"] = {**m["defenses"]["d3"], "steps": 8}
+    run_matrix(m, out)
+    assert not cell.with_name("seed0.stale-2").exists()
+    assert "predates settings digests" in (out / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("edit, message", [
