@@ -101,23 +101,22 @@ def cluster_suspects(feats: Tensor, y: Tensor, num_classes: int, ratio: float, s
     """
     x = F.normalize(feats - feats.mean(0), dim=1).numpy()
     labels = y.numpy()
-    sil, small = [], []
+    sil: dict[int, float] = {}
+    small: dict[int, np.ndarray] = {}
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
-        if len(idx) < 4:
-            sil.append(0.0)
-            small.append(idx[:0])
+        if len(idx) < 4:  # too few to split; left out of the median too
             continue
         split = KMeans(2, n_init=3, random_state=seed).fit_predict(x[idx])
-        sil.append(float(silhouette_score(x[idx], split, sample_size=min(sample, len(idx)), random_state=seed)))
-        small.append(idx[split == np.argmin(np.bincount(split, minlength=2))])
-    med = float(np.median(sil))
-    flagged = [c for c in range(num_classes) if med > 0 and sil[c] >= ratio * med]
+        sil[c] = float(silhouette_score(x[idx], split, sample_size=min(sample, len(idx)), random_state=seed))
+        small[c] = idx[split == np.argmin(np.bincount(split, minlength=2))]
+    med = float(np.median(list(sil.values()))) if sil else 0.0
+    flagged = [c for c, v in sil.items() if med > 0 and v >= ratio * med]
     mask = torch.zeros(len(y), dtype=torch.bool)
     for c in flagged:
         mask[torch.as_tensor(small[c])] = True
-    return mask, {"silhouettes": [round(v, 4) for v in sil], "median": round(med, 4), "flagged_classes": flagged,
-                  "set_aside": int(mask.sum())}
+    return mask, {"silhouettes": [round(sil[c], 4) if c in sil else None for c in range(num_classes)],
+                  "median": round(med, 4), "flagged_classes": flagged, "set_aside": int(mask.sum())}
 
 
 def keep_lowest(scores: Tensor, y: Tensor, share: float) -> Tensor:
