@@ -134,3 +134,28 @@ def test_cli_defend_and_analyze_mi(teacher, tmp_path, capsys):
     assert "layer4" in out and "stem" in out
     rows = json.loads((tmp_path / "mi" / "mi.json").read_text())["rows"]
     assert len(rows) == 5 and (tmp_path / "mi" / "mi.png").exists()
+
+
+def test_teacher_views_are_the_only_inputs_the_teacher_sees(teacher, tmp_path):
+    from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
+    from pretrain.augment import ViewConfig
+
+    images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward_intermediates(self, v, taps):
+            seen.append(v.clone())
+            return teacher.forward_intermediates(v, taps)
+
+    identity = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    weights = LossWeights(1.0, 1.0, 1.0, ["layer4"], [1.0])
+    distill(fresh_copy(teacher, 0), Spy(), images, weights, Schedule(epochs=1, batch_size=8), ViewConfig(),
+            tmp_path / "s.pt", teacher_views=identity)
+    # one teacher pass per step, on the second view only, and that view is the unaugmented image
+    assert len(seen) == 2 and all(len(v) == 8 for v in seen)
+    assert all(any(torch.allclose(s, img.float() / 255, atol=1e-6) for img in images) for v in seen for s in v)
+    seen.clear()
+    distill(fresh_copy(teacher, 0), Spy(), images, weights, Schedule(epochs=1, batch_size=8), ViewConfig(),
+            tmp_path / "both.pt")
+    assert len(seen) == 2 and all(len(v) == 16 for v in seen)  # without teacher views: both views

@@ -125,10 +125,12 @@ def distill(
     checkpoint: Path,
     resume: bool = False,
     desc: str = "distill",
+    teacher_views: ViewConfig | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` in place on ``images`` (uint8 N×C×H×W); returns per-epoch mean losses.
 
-    ``teacher`` may be ``None`` only when the clone and attention weights are 0.
+    ``teacher`` may be ``None`` only when the clone and attention weights are 0. With ``teacher_views``
+    the second view of each image is drawn from it, and the teacher's losses see only that view.
     """
     log = get_logger()
     if teacher is None and (weights.clone > 0 or weights.attention > 0):
@@ -178,7 +180,8 @@ def distill(
                 sums: dict[str, float] = {}
                 for i in range(steps):
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
-                    v = torch.cat([augment(x, views, g_views), augment(x, views, g_views)])
+                    v = torch.cat([augment(x, views, g_views), augment(x, teacher_views or views, g_views)])
+                    taught = slice(len(x), None) if teacher_views is not None else slice(None)
                     if use_maps:
                         feats, maps = model.encoder.forward_intermediates(v, taps)
                     else:
@@ -189,11 +192,12 @@ def distill(
                         parts["ssl"] = ntxent(z[: len(x)], z[len(x) :])
                     if teacher is not None:
                         with torch.no_grad():
-                            t_feats, t_maps = teacher.forward_intermediates(v, taps) if use_maps else (teacher(v), [])
+                            seen = v[taught]
+                            t_feats, t_maps = teacher.forward_intermediates(seen, taps) if use_maps else (teacher(seen), [])
                         if weights.clone > 0:
-                            parts["clone"] = clone_loss(feats, t_feats)
+                            parts["clone"] = clone_loss(feats[taught], t_feats)
                         if use_maps:
-                            parts["attention"] = attention_loss(maps, t_maps, weights.stages)
+                            parts["attention"] = attention_loss([m[taught] for m in maps], t_maps, weights.stages)
                     loss = sum(getattr(weights, k) * term for k, term in parts.items())
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {schedule.lr})")
