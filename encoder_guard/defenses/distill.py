@@ -11,7 +11,8 @@ are on (``encoder_guard.defenses.mimic`` and ``.baselines`` register them):
 - **NAD** ([1]), SSL version: the teacher is the given encoder after SSL fine-tuning; the student is the
   given encoder, trained with NT-Xent + attention loss (uniform stage weights).
 
-Losses on two augmented views ``v`` of each clean image (student ``s``, teacher ``t``, frozen):
+Losses on two augmented views ``v`` of each clean image (student ``s``, teacher ``t``, frozen; with
+``teacher_views`` the second view is drawn from them and the clone and attention terms use it alone):
 
 - NT-Xent on a fresh SimCLR projection head of the student (lightly's ``NTXentLoss``);
 - clone ``1 − cos(s(v), t(v))``, averaged over views;
