@@ -169,6 +169,8 @@ def distill(
                                       "(schedule.ema=0) or start a new run")
             ema.load_state_dict(state["ema"])
         log.info(f"{desc}: resuming at epoch {start + 1}/{schedule.epochs}")
+    second_views = teacher_views or views
+    taught = slice(bs, None) if teacher_views is not None else slice(None)  # the views the teacher's losses see
     bar = tqdm(total=total, initial=start * steps, desc=desc, unit="step", mininterval=1.0)
     epoch = start
     try:
@@ -181,8 +183,7 @@ def distill(
                 sums: dict[str, float] = {}
                 for i in range(steps):
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
-                    v = torch.cat([augment(x, views, g_views), augment(x, teacher_views or views, g_views)])
-                    taught = slice(len(x), None) if teacher_views is not None else slice(None)
+                    v = torch.cat([augment(x, views, g_views), augment(x, second_views, g_views)])
                     if use_maps:
                         feats, maps = model.encoder.forward_intermediates(v, taps)
                     else:
