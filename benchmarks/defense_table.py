@@ -38,8 +38,8 @@ def parse_cell(text: str) -> tuple[str, str, list[str]]:
     return label, name, [s for s in sets.split(",") if s]
 
 
-def evaluate(path: Path, trigger, target: int, train, test) -> dict:
-    m = evaluate_encoder(load_encoder(path), train, test, EvalConfig(cache=False), trigger=trigger,
+def evaluate(path: Path, trigger, target: int, train, test, device: str = "cpu") -> dict:
+    m = evaluate_encoder(load_encoder(path), train, test, EvalConfig(cache=False, device=device), trigger=trigger,
                          trigger_key=trigger.key(), target=target)
     return {k: m[k] for k in KEYS}
 
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override applied to every cell")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--pretrain-seconds", type=float, default=None)
+    ap.add_argument("--eval-device", default="cpu", help="where evaluation extracts features (cpu, cuda); "
+                    "a cell's own training device is its train.device key (e.g. --set train.device=cuda)")
     args = ap.parse_args()
     attack = Path(args.attack)
     from encoder_guard.config import load_yaml
@@ -68,7 +70,7 @@ def main() -> None:
         cache = root / f"_ref-{label.split()[0]}.json"
         if not cache.exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(evaluate(path, trigger, target, train, test)))
+            cache.write_text(json.dumps(evaluate(path, trigger, target, train, test, args.eval_device)))
         rows.append({"cell": label, "defense": "-", "overrides": [], **json.loads(cache.read_text()), "wall_seconds": None})
         print(rows[-1], flush=True)
     backdoored = load_encoder(attack / "encoder.safetensors")
@@ -84,7 +86,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 report = run_defense(name, load_config(name, "defend", args.set + sets), backdoored, out, resume=resume)
                 report.setdefault("wall_seconds", time.perf_counter() - t0)
-            metrics = evaluate(out / "encoder.safetensors", trigger, target, train, test)
+            metrics = evaluate(out / "encoder.safetensors", trigger, target, train, test, args.eval_device)
             done.write_text(json.dumps({**metrics, "wall_seconds": report["wall_seconds"],
                                         "clean_images": report["data"]["images"]}))
         rows.append({"cell": label, "defense": name, "overrides": args.set + sets, **json.loads(done.read_text())})
