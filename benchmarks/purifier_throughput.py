@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--purified", action="append", required=True)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--tag", default=None, help="writes purifier_throughput_<tag>.* instead of purifier_throughput.*")
     args = ap.parse_args()
     encoders = {"original": load_encoder(args.original).eval()}
     for p in args.purified:
@@ -57,7 +58,7 @@ def main() -> None:
     lines = [f"## Inference throughput, {len(x)} images in batches of 512, median of {args.rounds} rounds, "
              f"{torch.get_num_threads()} threads", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
     lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} | {r['ratio_to_original']:.2f} |" for r in rows]
-    write_result("purifier_throughput", {"rows": rows, "rounds": args.rounds, "images": len(x)}, lines)
+    write_result("purifier_throughput" + (f"_{args.tag}" if args.tag else ""), {"rows": rows, "rounds": args.rounds, "images": len(x)}, lines)
 
 
 if __name__ == "__main__":
