@@ -24,32 +24,11 @@ from _common import write_result  # noqa: E402
 
 from encoder_guard.config import load_config  # noqa: E402
 from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import Encoder, make_spec  # noqa: E402
-from encoder_guard.utils import autocast, resolve_precision  # noqa: E402
 from pretrain import pretrain  # noqa: E402
+from encoder_guard.encoders import Encoder, make_spec  # noqa: E402
+from encoder_guard.utils import resolve_precision  # noqa: E402
+from pretrain.timing import step_seconds  # noqa: E402
 from pretrain.trainer import build_method  # noqa: E402
-
-
-def raw_step_time(cfg: dict, batch: int, steps: int, size: int, chans: int) -> float:
-    """Seconds per step with the preset's ``train.precision`` and ``train.channels_last``, as the loop runs."""
-    cpu = torch.device("cpu")
-    precision = resolve_precision(cfg["train"].get("precision"), cpu)
-    layout = torch.channels_last if cfg["train"].get("channels_last") else torch.contiguous_format
-    method = build_method(cfg, Encoder(make_spec(cfg["model"]["backbone"], in_chans=chans, input_size=size))).to(memory_format=layout)
-    opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-    views = [torch.rand(batch, chans, size, size).contiguous(memory_format=layout) for _ in range(2)]
-
-    def step() -> None:
-        with autocast(cpu, precision):
-            loss = method(views)
-        opt.zero_grad(); loss.backward(); opt.step()
-
-    for _ in range(3):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
 
 
 def pil_step_time(cfg: dict, batch: int, steps: int, workers: int) -> float:
@@ -93,10 +72,10 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = load_config(args.preset, "pretrain", [f"optim.batch_size={args.batch}"])
-    raw = raw_step_time(cfg, args.batch, args.steps, 28, 1)
+    raw = step_seconds(cfg, args.batch, args.steps, 28, 1)
     fp32 = load_config(args.preset, "pretrain", [f"optim.batch_size={args.batch}", "train.precision=fp32",
                                                  "train.channels_last=false"])
-    raw_fp32 = raw_step_time(fp32, args.batch, args.steps, 28, 1)
+    raw_fp32 = step_seconds(fp32, args.batch, args.steps, 28, 1)
     precision = resolve_precision(cfg["train"].get("precision"), torch.device("cpu"))
     tmp = Path(tempfile.mkdtemp())
     try:
