@@ -24,9 +24,9 @@ from _common import write_result  # noqa: E402
 
 from encoder_guard.config import load_config  # noqa: E402
 from encoder_guard.data import load_dataset  # noqa: E402
-from pretrain import pretrain  # noqa: E402
 from encoder_guard.encoders import Encoder, make_spec  # noqa: E402
 from encoder_guard.utils import resolve_precision  # noqa: E402
+from pretrain import pretrain  # noqa: E402
 from pretrain.timing import step_seconds  # noqa: E402
 from pretrain.trainer import build_method  # noqa: E402
 
