@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     train = load_dataset("fashion-mnist", "train")
     idx = seeded_choice(torch.arange(len(train)), args.images, args.seed)
-    x = torch.cat([train.float_images(int(i), int(i) + 1) for i in idx])
+    x = train.images[idx].float().div(255)
     trigger = load_trigger(args.trigger)
     box = trigger.params().get("box")
     if box is None:

@@ -59,14 +59,16 @@ def _pretrain_epochs(pre_dir: Path, preset: dict[str, Any], log: Any) -> int:
     from encoder_guard.config import load_yaml
     from encoder_guard.utils import resolve_device
     from pretrain.timing import step_seconds
+    from pretrain.trainer import load_pretrain_data
 
     if (pre_dir / "config.yaml").is_file():
         return int(load_yaml(pre_dir / "config.yaml")["optim"]["epochs"])
     if resolve_device(preset["train"].get("device")).type != "cpu":
         return DEMO_EPOCHS
+    data = load_pretrain_data(preset)
     batch = int(preset["optim"]["batch_size"])
-    seconds = step_seconds(preset, batch, steps=5, size=28, chans=1)
-    steps = 60_000 // batch  # Fashion-MNIST's training split, drop_last
+    seconds = step_seconds(preset, batch, steps=5, size=data.image_size, chans=data.channels)
+    steps = len(data) // batch  # as the trainer counts them
     epochs = demo_epochs(seconds, steps)
     log.info(f"measured {seconds:.2f} s a pretraining step here ({steps} steps an epoch): {epochs} epochs fit the "
              f"demo's {PRETRAIN_BUDGET_S / 60:.1f}-minute pretraining budget (bounds {MIN_EPOCHS}-{DEMO_EPOCHS}; "
