@@ -47,6 +47,36 @@ def test_alignment_clamps_each_unit_into_its_range(granularity):
 
 
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_gate_excess_is_the_mean_scaled_excess_over_hi(granularity):
+    torch.manual_seed(0)
+    plug = ActivationAlignment(granularity, channels=3, size=4, gated=True)
+    x = torch.randn(6, 3, 4, 4) * 2
+    values = x.norm(dim=1, keepdim=True) if granularity == "cube" else x
+    assert torch.all(plug.excess(x) == 0)  # unfitted (hi = +inf): nothing is in excess
+    plug.hi.copy_(torch.rand_like(plug.hi))
+    plug.scale.copy_(torch.rand_like(plug.scale) + 0.1)
+    expected = ((values - plug.hi).relu() / plug.scale).mean(dim=(1, 2, 3))
+    assert torch.allclose(plug.excess(x), expected, atol=1e-5)
+
+
+def test_gated_alignment_overwrites_its_input_only_when_told_and_autograd_allows():
+    plug = ActivationAlignment("feature", channels=2, size=2, gated=True)
+    plug.hi.fill_(1.0)
+    plug.gate.fill_(0.5)
+    x = torch.full((3, 2, 2, 2), 0.5)
+    x[1] = 4.0  # the one flagged row
+    expected = x.clone()
+    expected[1] = 1.0
+    kept = x.clone()
+    assert torch.equal(plug(x), expected) and torch.equal(x, kept)  # a direct call copies
+    assert torch.equal(plug(x, inplace=True), expected) and torch.equal(x, expected)  # the hook's call does not
+    leaf = kept.clone().requires_grad_()
+    y = leaf * 1.0
+    plug(y, inplace=True).sum().backward()  # autograd needs y intact: copied even when told
+    assert torch.equal(y.detach(), kept) and torch.equal(leaf.grad[1], torch.zeros(2, 2, 2))
+
+
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
 def test_purifier_keeps_clean_features_and_cuts_outliers(encoder, data, granularity, tmp_path):
     result = Purifier(granularity=granularity, taps=["layer3", "layer4"], quantile=0.99).run(encoder, data, tmp_path)
     pure = result.encoder

@@ -21,14 +21,15 @@ TAP_MODULES = ("act1", "layer1", "layer2", "layer3", "layer4")  # the timm ResNe
 
 
 class _ApplyPlugin:
-    """A forward hook that replaces a stage's output by ``plugin(output)`` (an object, not a lambda, so that
-    ``copy.deepcopy`` of the encoder points the copy's hook at the copy's plug-in)."""
+    """A forward hook that replaces a stage's output by ``plugin(output, inplace=True)`` (the output is the
+    hook's to overwrite; an object, not a lambda, so that ``copy.deepcopy`` of the encoder points the copy's
+    hook at the copy's plug-in)."""
 
     def __init__(self, plugin: nn.Module) -> None:
         self.plugin = plugin
 
     def __call__(self, _module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
-        return self.plugin(output)
+        return self.plugin(output, inplace=True)
 
 
 class Encoder(nn.Module):

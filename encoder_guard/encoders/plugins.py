@@ -6,7 +6,8 @@ without touching the backbone's code or its state-dict keys. Its description liv
 ``EncoderSpec.plugins`` and its tensors in the checkpoint under ``plugins.<tap>.*``, so a purified encoder
 saves and loads like any other.
 
-Two plug-ins:
+Two plug-ins, both called as ``plugin(x, inplace=False)``; the encoder's hook passes ``inplace=True``
+because the stage's output is its own, so a plug-in may then overwrite ``x`` rather than copy it:
 
 - ``ClassMask`` (``class-mask``): the class-conditional Purifier's mask (see its docstring);
 - ``ActivationAlignment`` (``align``): per unit, clamp the activation into its normal range ``[lo, hi]``
@@ -47,6 +48,17 @@ def unit_shape(granularity: str, channels: int, size: int) -> tuple[int, ...]:
     return shapes[granularity]
 
 
+def cube_norms(x: Tensor) -> Tensor:
+    """The L2 norm of the channel vector at every position, ``(B, 1, H, W)``.
+
+    Summing squares is ~20x faster on CPU than ``Tensor.norm(dim=1)``, which strides across channels; under
+    autograd ``norm`` is kept, because the square root's gradient at an all-zero position would be NaN.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return x.norm(dim=1, keepdim=True)
+    return (x * x).sum(dim=1, keepdim=True).sqrt_()
+
+
 class SampleFlags:
     """The samples flagged anomalous so far in the current forward pass, shared by gated plug-ins.
 
@@ -82,7 +94,9 @@ class ActivationAlignment(nn.Module):
             self.register_buffer("gate", torch.tensor(-torch.inf))
         self.shared: SampleFlags | None = None  # set by Encoder.attach
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """Align ``x``; with ``inplace`` (the encoder's hook, which owns the stage's output) the flagged rows
+        are overwritten in ``x`` instead of a copy of the whole map, which would cost more than the gate."""
         if x.shape[-1] != self.size and self.granularity != "channel":
             raise ValueError(f"{self.granularity}-wise alignment was fitted on {self.size}×{self.size} maps, got "
                              f"{x.shape[-2]}×{x.shape[-1]}: feed images of the encoder's input size")
@@ -91,34 +105,45 @@ class ActivationAlignment(nn.Module):
         flagged = self.excess(x) > self.gate
         if self.shared is not None:
             flagged = self.shared.merge(flagged)
-        if bool(flagged.any()):  # align only the flagged rows
-            x = x.clone()
-            x[flagged] = self._align(x[flagged])
+        rows = flagged.nonzero().squeeze(1)
+        if len(rows):  # align only the flagged rows
+            aligned = self._align(x.index_select(0, rows))
+            if inplace and not (x.requires_grad and torch.is_grad_enabled()):  # autograd needs x intact
+                x.index_copy_(0, rows, aligned)
+            else:
+                x = x.index_copy(0, rows, aligned)
         return x if bool((self.gain == 1).all()) else x * self.gain
 
     def _align(self, x: Tensor) -> Tensor:
         if self.granularity == "cube":
-            norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            norm = cube_norms(x).clamp_min(1e-12)
             return x * (norm.clamp(self.lo, self.hi) / norm)
         return torch.clamp(x, self.lo, self.hi)  # ~10x faster on CPU than torch.minimum + torch.maximum
 
     def excess(self, x: Tensor) -> Tensor:
         """Per sample, the mean excess of its units over ``hi`` in units of their clean ``scale`` (gated only).
 
-        Computed as one subtraction, an in-place ReLU and a matrix-vector product with ``1 / scale``: the
-        gate runs on every input, so it must cost less than the stage it guards.
+        The gate runs on every input, so it must cost less than the stage it guards: ``relu(v − hi)`` is
+        taken as ``max(v, hi) − hi``, one clamp pass over the map and a matrix-vector product with
+        ``1 / scale``, less the constant ``hi · (1 / scale)`` (30% cheaper than a subtraction and a ReLU).
+        Units not fitted yet (``hi = +inf``) take the subtraction.
         """
-        values = x.norm(dim=1, keepdim=True) if self.granularity == "cube" else x
-        over = (values - self.hi).relu_()
+        values = cube_norms(x) if self.granularity == "cube" else x
         weight = self.scale.reciprocal().flatten()
+        offset = self.hi.flatten() @ weight
+        if bool(torch.isfinite(offset)):
+            over = torch.clamp(values, min=self.hi)
+        else:
+            over, offset = (values - self.hi).relu_(), offset.new_zeros(())
         if self.granularity == "channel":
-            return over.sum(dim=(2, 3)) @ weight / over[0].numel()
-        return over.flatten(1) @ weight / weight.numel()
+            positions = over[0, 0].numel()
+            return (over.sum(dim=(2, 3)) @ weight - positions * offset) / (positions * len(weight))
+        return (over.flatten(1) @ weight - offset) / len(weight)
 
     def unit_values(self, x: Tensor) -> Tensor:
         """What the ranges are about, per sample: ``(B, *unit_shape[1:])``."""
         if self.granularity == "cube":
-            return x.norm(dim=1, keepdim=True)
+            return cube_norms(x)
         if self.granularity == "channel":
             return x.transpose(0, 1).flatten(1).T.reshape(-1, self.channels, 1, 1)  # positions become samples
         return x
@@ -151,7 +176,8 @@ class ClassMask(nn.Module):
         self.mask = nn.Parameter(torch.ones(classes, channels))
         self.aux_logits: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """Mask ``x`` (out of place always: the mask is trained, and the map is small)."""
         if x.shape[1] != self.channels:
             raise ValueError(f"class mask for {self.channels} channels got a map with {x.shape[1]}")
         self.aux_logits = self.aux(x.mean(dim=(2, 3)))
