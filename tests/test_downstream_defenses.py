@@ -17,7 +17,8 @@ from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
 from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup, selection_quality
-from encoder_guard.defenses.padft import PADFT, cluster_suspects, keep_lowest, sce_scores, symmetric_cross_entropy
+from encoder_guard.defenses.padft import (PADFT, cluster_suspects, keep_lowest, relabelled_classes, sce_scores,
+                                         symmetric_cross_entropy)
 from encoder_guard.defenses.runner import run_defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
@@ -170,6 +171,20 @@ def test_cluster_guard_sets_aside_a_second_population_and_nothing_else():
     assert mask[len(y):].all() and not mask[: len(y)].any()
 
 
+def test_relabelled_classes_flags_one_sided_confusions_not_mutual_ones():
+    classes, per = 10, 500
+    y = torch.arange(classes).repeat_interleave(per)
+    pred = y.clone()
+    for a, b, k in ((0, 6, 120), (2, 4, 90), (5, 7, 60)):  # confusable pairs, both ways
+        pred[a * per : a * per + k] = b
+        pred[b * per : b * per + k] = a
+    assert relabelled_classes(y, pred, classes)[0] == []
+    # 40 images of every other class relabelled to 3: the scorer still sees their source class
+    sources = torch.tensor([k for k in range(classes) if k != 3]).repeat_interleave(40)
+    flagged, one_sided = relabelled_classes(torch.cat([y, torch.full_like(sources, 3)]), torch.cat([pred, sources]), classes)
+    assert flagged == [3] and one_sided[3] == classes - 1 and max(one_sided[:3] + one_sided[4:]) == 0
+
+
 def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
     p, _ = poisoned
     result = PADFT(score_epochs=5, epochs=3).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
@@ -182,6 +197,9 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
     assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
     assert 0 < sel["kept"] <= 256
+    assert set(report["relabelled"]) == {"flagged_classes", "one_sided_cells"}
+    every = PADFT(score_epochs=5, epochs=1, drop="all").run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
+    assert every.report["selection"]["kept"] <= sel["kept"] and every.report["relabelled"] is None
     one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
     assert one_pass.report["selection"]["kept"] == pytest.approx(128, abs=2)
     for key in ("clean_precision", "poison_recall", "removed_precision"):
@@ -198,6 +216,8 @@ def test_padft_validates_its_arguments():
         PADFT(keep=0)
     with pytest.raises(ValueError, match="cluster_ratio"):
         PADFT(cluster_ratio=1.0)
+    with pytest.raises(ValueError, match="drop"):
+        PADFT(drop="some")
     with pytest.raises(ValueError, match="clip_quantile"):
         PADFT(clip_quantile=0.4)
 
