@@ -200,6 +200,17 @@ class PADFT:
         self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
         self.second_pass, self.drop, self.cluster_ratio, self.seed, self.device = second_pass, drop, cluster_ratio, seed, device
 
+    def _dropped(self, y: Tensor, pred: Tensor, num_classes: int) -> tuple[Tensor, dict[str, Any] | None]:
+        """Mask of the samples the second pass removes (label ≠ ``pred``, in the flagged classes under
+        ``drop: relabelled``, or in every class when none is) and the one-sided test's report."""
+        dropped = pred != y
+        if self.drop == "all":
+            return dropped, None
+        flagged, one_sided = relabelled_classes(y, pred, num_classes)
+        if flagged:  # none flagged: no evidence of where the poison is, so every class as before
+            dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
+        return dropped, {"flagged_classes": flagged, "one_sided_cells": one_sided}
+
     def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
         t0 = time.perf_counter()
         clf = copy.deepcopy(clf).eval()
@@ -216,12 +227,7 @@ class PADFT:
         first, relabelled = len(kept), None
         if self.second_pass:  # a scorer that never saw the removed samples decides on every sample
             pred = sce_logits(feats, y, clf.num_classes, fit=kept, **kw).argmax(1)
-            dropped = pred != y
-            if self.drop == "relabelled":
-                flagged, one_sided = relabelled_classes(y, pred, clf.num_classes)
-                relabelled = {"flagged_classes": flagged, "one_sided_cells": one_sided}
-                if flagged:  # none flagged: no evidence of where the poison is, so every class as before
-                    dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
+            dropped, relabelled = self._dropped(y, pred, clf.num_classes)
             kept = (~dropped & ~suspect).nonzero().flatten()
         head = clf.head
         f, yk = feats[kept], y[kept]
