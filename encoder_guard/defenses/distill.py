@@ -22,6 +22,11 @@ Losses on two augmented views ``v`` of each clean image (student ``s``, teacher 
 The student trains in train mode (its BatchNorm statistics are learned from the clean data); the teacher
 stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining recipe.
 
+``Schedule.channels_last`` runs student and teacher in NHWC layout, as pretraining does (on a 2-core CPU in
+fp32, the fmnist-tiny student's forward and backward on 256 images took 0.36 s instead of 0.44 s, the
+teacher's forward on 128 0.033 s instead of 0.05 s). The returned student is back in the default layout,
+which is what checkpoints store.
+
 ``Schedule.ema`` > 0 returns, instead of the last weights, their exponential moving average (weights and
 BatchNorm statistics, torch's ``AveragedModel``): on MIMIC a slower average trades clean accuracy for a
 lower trigger response: the more early weights the average holds, the lower the ASR (README).
@@ -98,6 +103,7 @@ class Schedule:
     seed: int = 0
     checkpoint_every: int = 5
     ema: float = 0.0
+    channels_last: bool = True
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -137,11 +143,12 @@ def distill(
     if teacher is None and (weights.clone > 0 or weights.attention > 0):
         raise ValueError("the clone and attention losses need a teacher")
     device = torch.device(schedule.device)
+    layout = torch.channels_last if schedule.channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(schedule.seed)  # the projection head's initialisation
-        model = Student(student).to(device).train()
+        model = Student(student).to(device, memory_format=layout).train()
     if teacher is not None:
-        teacher = teacher.to(device).eval()
+        teacher = teacher.to(device, memory_format=layout).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -184,6 +191,7 @@ def distill(
                 for i in range(steps):
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
                     v = torch.cat([augment(x, views, g_views), augment(x, second_views, g_views)])
+                    v = v.contiguous(memory_format=layout)
                     if use_maps:
                         feats, maps = model.encoder.forward_intermediates(v, taps)
                     else:
@@ -226,9 +234,11 @@ def distill(
         raise
     finally:
         bar.close()
+        if teacher is not None:
+            teacher.to(memory_format=torch.contiguous_format)
     if ema is not None:
         model.encoder.load_state_dict(ema.module.state_dict())
-    model.encoder.cpu().eval()
+    model.encoder.cpu().to(memory_format=torch.contiguous_format).eval()
     return history
 
 
