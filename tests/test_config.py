@@ -50,13 +50,10 @@ def test_every_defend_preset_builds_its_defense_and_names_a_registered_one():
         assert cfg["name"] == path.stem
         cls = DEFENSES.get(cfg["name"])
         DEFENSES.get(cfg["name"])(**(cfg.get("defense") or {}))
-        # a preset states the class defaults (library and CLI behave alike), except where it was measured apart:
-        # plain Purifier's q = 0.85, while 0.9 is Purifier+'s upper quantile
+        # a preset states the class defaults (library and CLI behave alike)
         defaults = {k: p.default for k, p in inspect.signature(getattr(cls, "func", cls)).parameters.items()}
         defaults.update(getattr(cls, "keywords", {}))  # a registered partial (distill, nad) sets its own
         for key, value in (cfg.get("defense") or {}).items():
             default = defaults.get(key, value)  # (a key taken through **kwargs: construction checked it)
-            if (path.stem, key) == ("purifier", "quantile"):
-                continue
             if isinstance(default, (int, float, str, bool)) and not isinstance(value, (list, dict)):
                 assert value == default, f"{path.name}: {key} = {value!r} but the class defaults to {default!r}"

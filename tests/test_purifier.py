@@ -110,8 +110,46 @@ def test_a_sample_flagged_at_one_tap_is_aligned_at_the_later_ones():
     y = torch.full((2, 2, 2, 2), 1.2)  # at the second tap both samples exceed hi, neither by enough to flag
     out = second(y)
     assert torch.all(out[0] == 1.0) and torch.all(out[1] == 1.2)
-    flags.flags = None  # a new pass: nothing carried over
+    flags.reset()  # a new pass: nothing carried over
     assert torch.all(second(y) == 1.2)
+
+
+def test_flags_record_the_rows_first_caught_after_the_first_gated_tap():
+    from encoder_guard.encoders.plugins import SampleFlags
+
+    flags = SampleFlags()
+    flags.merge(torch.tensor([True, False, False]))
+    flags.merge(torch.tensor([False, True, False]))
+    assert flags.flags.tolist() == [True, True, False] and flags.late.tolist() == [False, True, False]
+    flags.reset(force=True)
+    assert flags.merge(torch.tensor([False, False, False])).all()  # the second pass aligns every row
+
+
+def test_a_row_caught_late_is_run_again_with_every_tap_aligned(encoder):
+    enc = copy.deepcopy(encoder)
+    stem, layer1 = ActivationAlignment("feature", 16, 16, gated=True), ActivationAlignment("feature", 16, 16, gated=True)
+    enc.attach("stem", stem)
+    enc.attach("layer1", layer1)
+    stem.hi.fill_(0.0)  # aligning at the stem zeroes the map, but the stem's gate flags nothing
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        _, (before,) = enc.forward_intermediates(x, ["stem"])
+        assert before.abs().sum() > 0
+        layer1.hi.fill_(1e6)
+        layer1.gate.fill_(-1.0)  # now layer1 flags every row, after the stem let them through
+        feats, (after,) = enc.forward_intermediates(x, ["stem"])
+        assert torch.all(after == 0)  # the second pass aligned the stem too
+        assert torch.allclose(feats, enc(x)) and enc._flags.flags is None
+
+
+def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
+    from encoder_guard.defenses.purifier import _scale
+
+    values = torch.randn(500, 10)
+    values[:, 0] = 0.0  # a unit clean data never moves (the stem over a black border)
+    scale = _scale(values)
+    assert scale[0] >= 0.1 * values[:, 1:].std(0).median() * 0.9
+    assert torch.allclose(scale[1:], values[:, 1:].std(0))
 
 
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])

@@ -7,7 +7,7 @@ Every defense talks to this one interface (``forward``, ``forward_features``, ``
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,9 @@ class Encoder(nn.Module):
         self._feature_info: list[dict] | None = None
         self.plugins = nn.ModuleDict()
         self._flags = SampleFlags()  # gated plug-ins' per-pass sample flags (reset by every entry point)
+        # rows a gated plug-in catches late are run again aligned from the first tap; off only where a caller
+        # needs the returned maps to be the ones the features were computed from (gradients through a tap)
+        self.second_pass = True
         for tap, description in list(spec.plugins.items()):
             self.attach(tap, build_plugin(description))
 
@@ -81,10 +84,27 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder takes {self.spec.in_chans}-channel images, got {x.shape[1]} channels")
         return (x - self.mean) / self.std
 
+    def _pass(self, run: Callable[[Tensor], Any], z: Tensor) -> Any:
+        """``run(z)`` with the gated plug-ins' flags reset; rows first flagged after the first gated tap are
+        run again with every tap aligning them, and their outputs (a tensor or a list of tensors) replaced."""
+        self._flags.reset()
+        out = run(z)
+        late = self._flags.late
+        if late is None or not bool(late.any()) or not self.second_pass:
+            return out
+        rows = late.nonzero().squeeze(1)
+        self._flags.reset(force=True)
+        try:
+            again = run(z.index_select(0, rows))
+        finally:
+            self._flags.reset()
+        if isinstance(out, Tensor):
+            return out.index_copy(0, rows, again)
+        return [o.index_copy(0, rows, a) for o, a in zip(out, again)]
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's map ``(B, C, h, w)``."""
-        self._flags.flags = None
-        return self.backbone.forward_features(self.normalize(x))
+        return self._pass(self.backbone.forward_features, self.normalize(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled features ``(B, D)``."""
@@ -104,8 +124,8 @@ class Encoder(nn.Module):
         """
         idx = self.tap_indices(indices)
         order = sorted(set(idx))
-        self._flags.flags = None
-        final, maps = self.backbone.forward_intermediates(self.normalize(x), indices=order)
+        final, *maps = self._pass(lambda z: [m for out in self.backbone.forward_intermediates(z, indices=order)
+                                             for m in ([out] if isinstance(out, Tensor) else out)], self.normalize(x))
         by_index = dict(zip(order, maps))
         return final.mean(dim=(2, 3)), [by_index[i] for i in idx]
 
@@ -115,7 +135,7 @@ class Encoder(nn.Module):
         Lets a defense that changes only the last stages train on cached activations at ``tap``.
         """
         i = self.tap_indices([tap])[0]
-        self._flags.flags = None
+        self._flags.reset()  # the taps before ``tap`` are behind it: no second pass from here
         names = ("maxpool",) + TAP_MODULES[1:] if i == 0 else TAP_MODULES[i + 1 :]
         for name in names:
             h = self.backbone.get_submodule(name)(h)

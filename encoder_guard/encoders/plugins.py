@@ -23,6 +23,9 @@ of the units over their ``hi`` (in units of each unit's clean spread ``scale``) 
 threshold ``gate`` fitted on clean data. A sample flagged at one tap stays flagged at every later tap of
 the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
 stands out at the stem and at the last stage, not in between, yet it has to be aligned in between too.
+A sample first flagged at a later tap is run again with every tap aligned (``Encoder``): where a trigger
+is caught depends on the trigger and the fit (a blended noise pattern at layer1 or layer2, a patch at the
+stem, layer1 or layer4), and the taps it passed unaligned had already carried it on.
 Unflagged inputs pass unchanged, so clean inputs keep their activations (a plain clamp trims every
 input's upper tail).
 """
@@ -62,14 +65,25 @@ def cube_norms(x: Tensor) -> Tensor:
 class SampleFlags:
     """The samples flagged anomalous so far in the current forward pass, shared by gated plug-ins.
 
-    The encoder resets it at the start of every pass; a plug-in ORs its own flags into it.
+    The encoder resets it at the start of every pass; a plug-in ORs its own flags into it. Rows first
+    flagged *after* the first gated tap (``late``) went through the earlier taps unaligned; the encoder
+    runs them once more with ``force`` set, which makes every gated plug-in align every row.
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, force: bool = False) -> None:
         self.flags: Tensor | None = None
+        self.late: Tensor | None = None
+        self.force = force
 
     def merge(self, own: Tensor) -> Tensor:
-        if self.flags is not None and self.flags.shape == own.shape:
+        if self.force:
+            own = torch.ones_like(own)
+        elif self.flags is not None and self.flags.shape == own.shape:
+            new = own & ~self.flags
+            self.late = new if self.late is None else self.late | new
             own = own | self.flags
         self.flags = own
         return own
@@ -91,7 +105,7 @@ class ActivationAlignment(nn.Module):
         self.register_buffer("gain", torch.ones(shape))
         if gated:  # only gated plug-ins carry these, so checkpoints of ungated ones keep their keys
             self.register_buffer("scale", torch.ones(shape))
-            self.register_buffer("gate", torch.tensor(-torch.inf))
+            self.register_buffer("gate", torch.tensor(torch.inf))  # flags nothing until fitted
         self.shared: SampleFlags | None = None  # set by Encoder.attach
 
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
