@@ -177,21 +177,23 @@ class Purifier:
         for p in encoder.parameters():
             p.requires_grad_(True)
         encoder.second_pass = False  # the gradient reaches the tap's map only if the features came from it
-        total = torch.zeros(plugin.lo.numel())
-        for fmap, final in _stage_outputs(encoder, images, tap, self.batch_size, grad=True):
-            final.norm(dim=1).sum().backward()
-            contrib = (fmap * fmap.grad).detach()
-            if self.granularity == "channel":
-                per_unit = contrib.sum(dim=(2, 3))
-            elif self.granularity == "cube":
-                per_unit = contrib.sum(dim=1).flatten(1)
-            else:
-                per_unit = contrib.flatten(1)
-            total += per_unit.abs().sum(0)
-            encoder.zero_grad(set_to_none=True)
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        encoder.second_pass = True
+        try:
+            total = torch.zeros(plugin.lo.numel())
+            for fmap, final in _stage_outputs(encoder, images, tap, self.batch_size, grad=True):
+                final.norm(dim=1).sum().backward()
+                contrib = (fmap * fmap.grad).detach()
+                if self.granularity == "channel":
+                    per_unit = contrib.sum(dim=(2, 3))
+                elif self.granularity == "cube":
+                    per_unit = contrib.sum(dim=1).flatten(1)
+                else:
+                    per_unit = contrib.flatten(1)
+                total += per_unit.abs().sum(0)
+                encoder.zero_grad(set_to_none=True)
+        finally:
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            encoder.second_pass = True
         return total / len(images)
 
     def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:

@@ -124,8 +124,11 @@ class Encoder(nn.Module):
         """
         idx = self.tap_indices(indices)
         order = sorted(set(idx))
-        final, *maps = self._pass(lambda z: [m for out in self.backbone.forward_intermediates(z, indices=order)
-                                             for m in ([out] if isinstance(out, Tensor) else out)], self.normalize(x))
+        def run(z: Tensor) -> list[Tensor]:  # one flat list, so that a second pass can replace rows in each
+            final, maps = self.backbone.forward_intermediates(z, indices=order)
+            return [final, *maps]
+
+        final, *maps = self._pass(run, self.normalize(x))
         by_index = dict(zip(order, maps))
         return final.mean(dim=(2, 3)), [by_index[i] for i in idx]
 
