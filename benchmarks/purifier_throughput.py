@@ -3,7 +3,8 @@
 Usage: python benchmarks/purifier_throughput.py --original runs/bad/encoder.safetensors \
            --purified runs/purifier/encoder.safetensors [--purified runs/pp/encoder.safetensors ...]
 
-Times ``encoder(x)`` on batches of 512 Fashion-MNIST test images (no grad, eval mode). The encoders take
+Times ``encoder(x)`` on batches of 512 Fashion-MNIST test images (no grad, eval mode; ``--device cuda``
+synchronises before each clock read, so a batch's time includes its kernels). The encoders take
 turns batch by batch (in alternating order), so that a noisy neighbour on a shared machine hits them
 alike; the ratio is the median over batches of the paired ``original time / purified time``, and
 images/s come from each encoder's median batch time.
@@ -29,8 +30,11 @@ from encoder_guard.encoders import load_encoder  # noqa: E402
 
 @torch.no_grad()
 def seconds(encoder, batch) -> float:
+    sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     encoder(batch)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -40,13 +44,15 @@ def main() -> None:
     ap.add_argument("--purified", action="append", required=True)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--images", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=512)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--tag", default=None, help="writes purifier_throughput_<tag>.* instead of purifier_throughput.*")
     args = ap.parse_args()
-    encoders = {"original": load_encoder(args.original).eval()}
+    encoders = {"original": load_encoder(args.original).eval().to(args.device)}
     for p in args.purified:
-        encoders[p] = load_encoder(p).eval()
-    x = load_dataset("fashion-mnist", "test").images[: args.images].float().div(255)
-    batches = list(x.split(512))
+        encoders[p] = load_encoder(p).eval().to(args.device)
+    x = load_dataset("fashion-mnist", "test").images[: args.images].float().div(255).to(args.device)
+    batches = list(x.split(args.batch_size))
     for enc in encoders.values():
         for b in batches[:2]:
             seconds(enc, b)  # warm-up
@@ -56,12 +62,14 @@ def main() -> None:
             for k in list(encoders)[:: 1 if r % 2 == 0 else -1]:
                 times[k].append(seconds(encoders[k], b))
     base = times["original"]
-    rows = [{"encoder": k, "plugins": list(encoders[k].spec.plugins), "images_per_second": 512 / statistics.median(v),
+    rows = [{"encoder": k, "plugins": list(encoders[k].spec.plugins), "images_per_second": args.batch_size / statistics.median(v),
              "ratio_to_original": statistics.median(o / t for o, t in zip(base, v))} for k, v in times.items()]
-    lines = [f"## Inference throughput, {len(x)} images in batches of 512, {args.rounds} rounds, paired per batch, "
-             f"{torch.get_num_threads()} threads", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
+    where = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"## Inference throughput, {len(x)} images in batches of {args.batch_size}, {args.rounds} rounds, paired per "
+             f"batch, {where}", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
     lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} | {r['ratio_to_original']:.2f} |" for r in rows]
-    write_result("purifier_throughput" + (f"_{args.tag}" if args.tag else ""), {"rows": rows, "rounds": args.rounds, "images": len(x)}, lines)
+    write_result("purifier_throughput" + (f"_{args.tag}" if args.tag else ""), {"rows": rows, "rounds": args.rounds, "images": len(x),
+                                                                   "batch_size": args.batch_size, "device": where}, lines)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,25 @@ def test_a_row_caught_late_is_run_again_with_every_tap_aligned(encoder):
         assert torch.allclose(feats, enc(x)) and enc._flags.flags is None
 
 
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_the_dense_path_of_accelerators_gives_the_row_path_features(encoder, data, granularity, tmp_path, monkeypatch):
+    from encoder_guard.encoders import plugins
+
+    purified = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8).run(encoder, data, tmp_path).encoder
+    x = data.clean.float_images()[:64].clone()
+    x[::3, :, 4:9, 4:9] = 1.0  # outliers for the gates to catch, at one tap or another
+    with torch.no_grad():
+        rows = purified(x)
+        purified.second_pass = False
+        purified(x)
+        caught = purified._flags.flags.clone()
+        monkeypatch.setattr(plugins, "_dense", lambda t: True)  # what a CUDA map takes, here on CPU
+        purified(x)
+        assert torch.equal(purified._flags.flags, caught) and 0 < caught.sum() < len(x)
+        purified.second_pass = True
+        assert torch.allclose(purified(x), rows, atol=1e-6)
+
+
 def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
     from encoder_guard.defenses.purifier import _scale
 
