@@ -159,6 +159,10 @@ def test_the_dense_path_of_accelerators_gives_the_row_path_features(encoder, dat
         assert torch.equal(purified._flags.flags, caught) and 0 < caught.sum() < len(x)
         purified.second_pass = True
         assert torch.allclose(purified(x), rows, atol=1e-6)
+    # fitting on the dense path (unfitted plug-ins score NaN there, and flag nothing) gives the same plug-ins
+    again = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8).run(encoder, data, tmp_path).encoder
+    for (name, a), b in zip(purified.plugins.state_dict().items(), again.plugins.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
 
 
 def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
