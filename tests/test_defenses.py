@@ -48,11 +48,11 @@ def test_mimic_writes_a_loadable_student_and_a_report(teacher, tmp_path):
     weights = list(report["stage_weights"].values())
     assert sum(weights) / len(weights) == pytest.approx(1.0)
     assert report["data"]["images"] == 128 and report["wall_seconds"] > 0
-    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}  # the preset leaves the clone loss off
+    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["stage_weights"] == report["stage_weights"]
-    report = run_defense("mimic", load_config("mimic", "defend", FAST + ["defense.clone=1"]), teacher, tmp_path / "c")
-    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
+    report = run_defense("mimic", load_config("mimic", "defend", FAST + ["defense.clone=0"]), teacher, tmp_path / "c")
+    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}  # a zero weight drops the term
 
 
 def test_baselines_switch_their_losses(teacher, tmp_path):
