@@ -165,6 +165,47 @@ def test_the_dense_path_of_accelerators_gives_the_row_path_features(encoder, dat
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_with_gate_taps_only_those_score_and_a_caught_row_is_aligned_at_every_tap(encoder, data, tmp_path, monkeypatch):
+    from encoder_guard.encoders import plugins
+
+    taps = ["stem", "layer2", "layer4"]
+    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"]).run(encoder, data, tmp_path)
+    purified, layers = result.encoder, result.report["layers"]
+    assert layers["stem"]["detects"] is False and layers["layer2"]["gate"] is None and layers["layer4"]["gate"] is not None
+    stem = purified.plugins["stem"]
+    stem.shared = None
+    far = torch.full((2, 16, 16, 16), 1e3)
+    assert torch.equal(stem(far), far)  # scores nothing itself: what nothing flagged passes unchanged
+    stem.shared = purified._flags
+    x = data.clean.float_images()[:64].clone()
+    x[::3, :, 4:9, 4:9] = 1.0
+    everything = copy.deepcopy(purified)
+    everything.plugins["layer4"].gate.fill_(-float("inf"))  # flags every row, so every tap aligns every row
+    with torch.no_grad():
+        purified.second_pass = False
+        purified(x)
+        caught = purified._flags.flags.clone()
+        purified.second_pass = True
+        out = purified(x)
+        assert 0 < caught.sum() < len(x)
+        assert torch.allclose(out[caught], everything(x)[caught], atol=1e-6)  # caught at layer4: aligned from the stem
+        assert torch.allclose(out[~caught], encoder(x)[~caught], atol=1e-6)  # the rest untouched
+        monkeypatch.setattr(plugins, "_dense", lambda t: True)  # an accelerator's path gives the same
+        assert torch.allclose(purified(x), out, atol=1e-6)
+        monkeypatch.undo()
+    back = load_encoder(save_encoder(purified, tmp_path / "g.safetensors")).eval()
+    assert back.spec.plugins["stem"]["detect"] is False and "detect" not in back.spec.plugins["layer4"]
+    with torch.no_grad():
+        assert torch.allclose(back(x), out, atol=1e-6)
+    with pytest.raises(ValueError, match="gate_taps"):
+        Purifier(taps=taps, gate_taps=["layer3"])  # none of the taps
+    with pytest.raises(ValueError, match="unknown"):
+        Purifier(taps=taps, gate_taps=["layer4", "layer9"])
+    assert Purifier(taps=["layer4"], gate_taps=["layer3", "layer4"]).gate_taps == ["layer4"]  # the preset's, other taps
+    with pytest.raises(ValueError, match="detect=False"):
+        ActivationAlignment("feature", 2, 2, detect=False)  # ungated: aligns every input, nothing to follow
+
+
 def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
     from encoder_guard.defenses.purifier import _scale
 

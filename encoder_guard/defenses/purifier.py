@@ -26,6 +26,12 @@ aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar 
 at each tap. Because only caught inputs are aligned, their range can be tight at little cost to clean
 accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, README "Purifier").
 
+The preset scores inputs at ``layer3`` and ``layer4`` alone (``gate_taps``); the stem, layer1 and layer2
+align only what those flag, on the second pass. Every trigger measured (a corner square, a blended noise
+pattern, a random patch) shows at one of the two deep taps, whose maps are small; scoring the stem and
+layer1 as well cost more than the rest of the plug-ins together, and their false alarms made every
+batch of clean inputs run a second pass for ~4% of its rows (README "Purifier since session 20").
+
 **Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
 importance, boost the important, suppress the unimportant"; ours:
 
@@ -97,6 +103,9 @@ class Purifier:
         gate: align only the inputs whose mean excess over ``hi`` (per-unit, in clean standard deviations)
             is above this quantile of the clean inputs' (``ActivationAlignment``'s gate); ``None`` aligns every
             input. A plain clamp trims every clean input's upper tail too, which is what costs clean accuracy.
+        gate_taps: with a gate, the taps whose gate scores inputs (``None``: every tap; names not among
+            ``taps`` are ignored, but one must be). The other taps align only what these flag, on a second
+            pass from the first tap (``ActivationAlignment(detect=False)``).
         plus: Purifier+ (importance rating, suppress/boost) on top of the alignment.
         suppress: share of units (lowest importance) silenced by Purifier+.
         suppress_gain: their gain (0 = silenced).
@@ -111,6 +120,7 @@ class Purifier:
         quantile: float = 0.75,
         quantile_low: float = 0.65,
         gate: float | None = 0.99,
+        gate_taps: Sequence[str] | None = None,
         plus: bool = False,
         suppress: float = 0.0,
         suppress_gain: float = 0.0,
@@ -131,8 +141,16 @@ class Purifier:
         bad = [t for t in taps if t not in TAP_NAMES]
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
+        if gate_taps is not None:  # those of the taps; the preset's stay valid when a user picks other taps
+            unknown = [t for t in gate_taps if t not in TAP_NAMES]
+            chosen = [t for t in taps if t in gate_taps]
+            if unknown or not chosen:
+                raise ValueError(f"gate_taps {list(gate_taps)} must name some of the taps {list(taps)} (or be null: every "
+                                 f"tap scores)" + (f"; unknown taps: {', '.join(unknown)}" if unknown else ""))
+            gate_taps = chosen
         self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
         self.quantile_low, self.gate = quantile_low, gate
+        self.gate_taps = None if gate_taps is None else sorted(gate_taps, key=TAP_NAMES.index)
         self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
         self.seed, self.device = seed, device
 
@@ -156,7 +174,9 @@ class Purifier:
         plugin.hi.copy_(hi.view_as(plugin.hi))
         clipped = ((values < lo) | (values > hi)).float().mean().item()
         stats = {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
-        if plugin.gated:
+        if plugin.gated and not plugin.detect:
+            stats.update(gate=None, detects=False)
+        elif plugin.gated:
             per_image = values.view(len(images), -1, values.shape[1])  # channel-wise: one row per position
             halves = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).chunk(2)
             excess = torch.empty(len(images))
@@ -212,7 +232,9 @@ class Purifier:
             if tap in enc.plugins:
                 raise ValueError(f"the encoder already has a plug-in at {tap}; purify the original encoder")
             side = int(round(enc.spec.input_size / info[tap]["reduction"]))
-            plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=self.gate is not None)
+            gated = self.gate is not None
+            detect = not gated or self.gate_taps is None or tap in self.gate_taps
+            plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=gated, detect=detect)
             enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
             t_tap = time.perf_counter()
             rating = self._importance(enc, images, tap, plugin) if self.plus else None

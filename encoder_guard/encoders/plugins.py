@@ -28,6 +28,11 @@ is caught depends on the trigger and the fit (a blended noise pattern at layer1 
 stem, layer1 or layer4), and the taps it passed unaligned had already carried it on.
 Unflagged inputs pass unchanged, so clean inputs keep their activations (a plain clamp trims every
 input's upper tail).
+
+A gated plug-in with ``detect=False`` scores nothing: it aligns only the rows that a detecting plug-in of
+the same pass flagged before it, or, on the second pass, every row. A network may then keep its gates on
+its deep, small maps and still align a caught input at every tap. The score over a map costs a pass over
+it, and at the stem of the ``fmnist-tiny`` encoder (16×28×28 per image) that is six times layer4's map.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ class SampleFlags:
         self.flags: Tensor | None = None
         self.late: Tensor | None = None
         self.force = force
+        self.behind = False  # a gated tap has passed (a follower with nothing to align keeps no flags)
 
     def merge(self, own: Tensor) -> Tensor:
         if self.force:
@@ -96,7 +102,10 @@ class SampleFlags:
             new = own & ~self.flags
             self.late = new if self.late is None else self.late | new
             own = own | self.flags
+        elif self.flags is None and self.behind:  # only followers came before: all that is flagged here is late
+            self.late = own if self.late is None else self.late | own
         self.flags = own
+        self.behind = True
         return own
 
 
@@ -107,9 +116,11 @@ class ActivationAlignment(nn.Module):
     Before fitting it is the identity (``lo = -inf``, ``hi = +inf``, ``gain = 1``).
     """
 
-    def __init__(self, granularity: str, channels: int, size: int, gated: bool = False) -> None:
+    def __init__(self, granularity: str, channels: int, size: int, gated: bool = False, detect: bool = True) -> None:
         super().__init__()
-        self.granularity, self.channels, self.size, self.gated = granularity, channels, size, gated
+        if detect is False and not gated:
+            raise ValueError("detect=False is for gated plug-ins: an ungated one aligns every input anyway")
+        self.granularity, self.channels, self.size, self.gated, self.detect = granularity, channels, size, gated, detect
         shape = unit_shape(granularity, channels, size)
         self.register_buffer("lo", torch.full(shape, -torch.inf))
         self.register_buffer("hi", torch.full(shape, torch.inf))
@@ -127,12 +138,9 @@ class ActivationAlignment(nn.Module):
                              f"{x.shape[-2]}×{x.shape[-1]}: feed images of the encoder's input size")
         if not self.gated:
             return self._align(x) * self.gain
-        if self.shared is not None and self.shared.force:  # a second pass aligns every row: no score needed
-            flagged = torch.ones(len(x), dtype=torch.bool, device=x.device)
-        else:
-            flagged = self.excess(x) > self.gate
-        if self.shared is not None:
-            flagged = self.shared.merge(flagged)
+        flagged = self._flagged(x)
+        if flagged is None:
+            return self._scaled(x)
         if _dense(x):
             return torch.where(flagged.view(-1, 1, 1, 1), self._align(x), x) * self.gain
         rows = flagged.nonzero().squeeze(1)
@@ -144,7 +152,28 @@ class ActivationAlignment(nn.Module):
                 x.index_copy_(0, rows, aligned)
             else:
                 x = x.index_copy(0, rows, aligned)
-        return x if bool((self.gain == 1).all()) else x * self.gain
+        return self._scaled(x)
+
+    def _flagged(self, x: Tensor) -> Tensor | None:
+        """The rows to align here (this tap's own flags ORed into the pass's shared ones), or ``None`` where
+        a follower (``detect=False``) comes before any flag: then the map is left as it is, with no pass over
+        it and, on an accelerator, no kernel."""
+        shared = self.shared
+        if shared is not None and shared.force:  # a second pass aligns every row: no score needed
+            own = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        elif self.detect:
+            own = self.excess(x) > self.gate
+        elif shared is None or shared.flags is None:
+            if shared is not None:
+                shared.behind = True
+            return None
+        else:
+            own = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        return own if shared is None else shared.merge(own)
+
+    def _scaled(self, x: Tensor) -> Tensor:
+        """``x · gain``, skipped on CPU when every gain is 1 (on an accelerator the check would wait for it)."""
+        return x * self.gain if _dense(x) or not bool((self.gain == 1).all()) else x
 
     def _align(self, x: Tensor) -> Tensor:
         if self.granularity == "cube":
@@ -183,10 +212,11 @@ class ActivationAlignment(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size,
-                **({"gated": True} if self.gated else {})}
+                **({"gated": True} if self.gated else {}), **({} if self.detect else {"detect": False})}
 
     def extra_repr(self) -> str:
-        return f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
+        return (f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
+                + ("" if self.detect else ", detect=False"))
 
 
 @PLUGINS.register("class-mask")
