@@ -29,8 +29,8 @@ accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's
 The preset scores inputs at ``layer3`` and ``layer4`` alone (``gate_taps``); the stem, layer1 and layer2
 align only what those flag, on the second pass. Every trigger measured (a corner square, a blended noise
 pattern, a random patch) shows at one of the two deep taps, whose maps are small; scoring the stem and
-layer1 as well cost more than the rest of the plug-ins together, and their false alarms made every
-batch of clean inputs run a second pass for ~4% of its rows (README "Purifier since session 20").
+layer1 as well cost more than the rest of the plug-ins together, and with their false alarms 3.5% of
+every batch of clean inputs ran a second pass (README "Purifier since session 20").
 
 **Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
 importance, boost the important, suppress the unimportant"; ours:
