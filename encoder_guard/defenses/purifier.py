@@ -141,16 +141,14 @@ class Purifier:
         bad = [t for t in taps if t not in TAP_NAMES]
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
+        self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
+        self.quantile_low, self.gate, self.gate_taps = quantile_low, gate, None
         if gate_taps is not None:  # those of the taps; the preset's stay valid when a user picks other taps
             unknown = [t for t in gate_taps if t not in TAP_NAMES]
-            chosen = [t for t in taps if t in gate_taps]
-            if unknown or not chosen:
+            self.gate_taps = [t for t in self.taps if t in gate_taps]
+            if unknown or not self.gate_taps:
                 raise ValueError(f"gate_taps {list(gate_taps)} must name some of the taps {list(taps)} (or be null: every "
                                  f"tap scores)" + (f"; unknown taps: {', '.join(unknown)}" if unknown else ""))
-            gate_taps = chosen
-        self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
-        self.quantile_low, self.gate = quantile_low, gate
-        self.gate_taps = None if gate_taps is None else sorted(gate_taps, key=TAP_NAMES.index)
         self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
         self.seed, self.device = seed, device
 

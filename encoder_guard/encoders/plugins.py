@@ -118,7 +118,7 @@ class ActivationAlignment(nn.Module):
 
     def __init__(self, granularity: str, channels: int, size: int, gated: bool = False, detect: bool = True) -> None:
         super().__init__()
-        if detect is False and not gated:
+        if not (detect or gated):
             raise ValueError("detect=False is for gated plug-ins: an ungated one aligns every input anyway")
         self.granularity, self.channels, self.size, self.gated, self.detect = granularity, channels, size, gated, detect
         shape = unit_shape(granularity, channels, size)
