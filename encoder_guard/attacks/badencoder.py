@@ -80,12 +80,13 @@ class BadEncoder:
     def __repr__(self) -> str:
         return f"BadEncoder({', '.join(f'{k}={v}' for k, v in self.hparams().items())})"
 
-    def loss(self, student: Encoder, teacher: Encoder, x: Tensor, refs: Tensor, ref_clean: Tensor, data: AttackData) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, student: Encoder, x: Tensor, f_clean: Tensor, refs: Tensor, ref_clean: Tensor,
+             data: AttackData) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one batch of shadow images ``x``; ``f_clean`` and ``ref_clean`` are the frozen encoder's
+        features of ``x`` and of the references."""
         xt = data.trigger.apply(x)
         feats = student(torch.cat([xt, x, refs]))
         f_trig, f_x, f_ref = feats[: len(x)], feats[len(x) : 2 * len(x)], feats[2 * len(x) :]
-        with torch.no_grad():
-            f_clean = teacher(x)
         l0 = -F.cosine_similarity(f_trig.unsqueeze(1), f_ref.unsqueeze(0), dim=-1).mean()
         l1 = -F.cosine_similarity(f_ref, ref_clean, dim=-1).mean()
         l2 = -F.cosine_similarity(f_x, f_clean, dim=-1).mean()
@@ -114,9 +115,14 @@ class BadEncoder:
         student.eval()  # BatchNorm frozen: running statistics stay the clean encoder's
         opt = torch.optim.SGD(student.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         refs = data.references.to(self.device)
+        n = len(data.shadow)
+        # shadow images are not augmented and BatchNorm is frozen, so the frozen encoder's features are
+        # fixed: computed once here instead of in every step (0.84 → 0.72 s a step on a 2-core CPU, README)
         with torch.no_grad():
             ref_clean = teacher(refs)
-        n = len(data.shadow)
+            shadow_clean = torch.cat([teacher(b.to(self.device).float().div_(255))
+                                      for b in data.shadow.images.split(500)])
+        del teacher
         steps = max(1, n // self.batch_size)
         start_epoch, history = 0, []
         if resume:
@@ -136,7 +142,7 @@ class BadEncoder:
                     for i in range(steps):
                         idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
                         x = data.shadow.images[idx].to(self.device).float().div_(255)
-                        total, parts = self.loss(student, teacher, x, refs, ref_clean, data)
+                        total, parts = self.loss(student, x, shadow_clean[idx.to(self.device)], refs, ref_clean, data)
                         if not torch.isfinite(total):
                             raise TrainingDivergedError(f"BadEncoder loss became {total.item()} at epoch {epoch + 1}; lower lr (now {self.lr})")
                         opt.zero_grad(set_to_none=True)
