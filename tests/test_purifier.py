@@ -59,6 +59,44 @@ def test_gate_excess_is_the_mean_scaled_excess_over_hi(granularity):
     assert torch.allclose(plug.excess(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_gate_peak_is_the_largest_per_position_mean_of_the_scaled_excess(granularity):
+    torch.manual_seed(0)
+    plug = ActivationAlignment(granularity, channels=3, size=4, gated=True, score="peak")
+    x = torch.randn(6, 3, 4, 4) * 2
+    values = x.norm(dim=1, keepdim=True) if granularity == "cube" else x
+    assert torch.all(plug.excess(x) == 0)  # unfitted: nothing is in excess
+    plug.hi.copy_(torch.rand_like(plug.hi))
+    plug.scale.copy_(torch.rand_like(plug.scale) + 0.1)
+    expected = ((values - plug.hi).relu() / plug.scale).mean(dim=1).flatten(1).amax(1)
+    assert torch.allclose(plug.excess(x), expected, atol=1e-5)
+
+
+def test_a_peak_gate_catches_one_raised_position_that_the_mean_dilutes():
+    x = -torch.ones(2, 8, 4, 4)  # every unit below hi = 0 ...
+    x[1, :, 3, 3] = 4.0  # ... except one position of the second input: a patch trigger's corner
+    for score, caught in (("mean", [False, False]), ("peak", [False, True])):
+        plug = ActivationAlignment("feature", channels=8, size=4, gated=True, score=score)
+        plug.hi.zero_()
+        plug.gate.fill_(0.5)  # the map's mean excess is 4/16 = 0.25, its peak 4
+        assert plug.excess(x)[1] == (4.0 if score == "peak" else 0.25)
+        out = plug(x)
+        assert [bool((out[i] != x[i]).any()) for i in range(2)] == caught
+
+
+def test_a_checkpoint_without_a_score_is_read_as_the_mean_gate_it_was_fitted_with():
+    from encoder_guard.encoders.plugins import build_plugin
+
+    old = build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "gated": True})
+    assert old.score == "mean" and "score" not in old.describe()
+    new = build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "gated": True, "score": "peak"})
+    assert new.score == "peak" and new.describe()["score"] == "peak"
+    with pytest.raises(ValueError, match="score"):
+        ActivationAlignment("feature", 4, 2, gated=True, score="max")
+    with pytest.raises(ValueError, match="gate_score"):
+        Purifier(gate_score="max")
+
+
 def test_gated_alignment_overwrites_its_input_only_when_told_and_autograd_allows():
     plug = ActivationAlignment("feature", channels=2, size=2, gated=True)
     plug.hi.fill_(1.0)
@@ -216,9 +254,10 @@ def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
     assert torch.allclose(scale[1:], values[:, 1:].std(0))
 
 
+@pytest.mark.parametrize("score", ["mean", "peak"])
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
-def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder, data, granularity, tmp_path):
-    result = Purifier(granularity=granularity, taps=["layer4"], quantile=0.8, gate=0.9).run(encoder, data, tmp_path)
+def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder, data, granularity, score, tmp_path):
+    result = Purifier(granularity=granularity, taps=["layer4"], quantile=0.8, gate=0.9, gate_score=score).run(encoder, data, tmp_path)
     layer = result.report["layers"]["layer4"]
     assert 0.05 <= layer["clean_inputs_aligned"] <= 0.15  # the gate sits at the clean inputs' 0.9 quantile
     plug = result.encoder.plugins["layer4"]
@@ -236,7 +275,7 @@ def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder
     x = data.clean.float_images()[:8]
     with torch.no_grad():
         assert torch.allclose(back(x), result.encoder(x), atol=1e-6)
-    assert back.spec.plugins["layer4"]["gated"] is True
+    assert back.spec.plugins["layer4"]["gated"] is True and back.plugins["layer4"].score == score
     with pytest.raises(ValueError, match="gate"):
         Purifier(gate=1.5)
 

@@ -18,10 +18,12 @@ data (``q = 0.999`` leaves ASR near 90%), but it does push many of them beyond t
 
 Clamping every input also trims every clean input's upper tail, which cost 2.6 points of clean accuracy
 on a clean ``fmnist-tiny`` encoder (benchmarks/results/defense_purifier-clean.md). The presets therefore
-*gate* the alignment (``gate = 0.99``): per input and tap, the mean excess of its units over ``hi`` (in
+*gate* the alignment (``gate = 0.99``): per input and tap, the excess of its units over ``hi`` (in
 clean standard deviations, floored at a tenth of the layer's median so that no unit clean data leaves
-constant decides alone) is compared with the 0.99 quantile of clean inputs' excess, calibrated out of
-sample, and only inputs above it are aligned, at every tap: an input caught at a later tap is run again
+constant decides alone), averaged over the channels at each position and taken where it is largest
+(``gate_score = "peak"``; ``"mean"`` averages over the whole map, as up to session 20, which let half of a
+weak corner-patch backdoor's inputs through), is compared with the 0.99 quantile of clean inputs' score,
+calibrated out of sample, and only inputs above it are aligned, at every tap: an input caught at a later tap is run again
 aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar the ~1% the gate takes
 at each tap. Because only caught inputs are aligned, their range can be tight at little cost to clean
 accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, README "Purifier").
@@ -59,7 +61,7 @@ from torch import Tensor
 from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
 from encoder_guard.encoders import Encoder
 from encoder_guard.encoders.encoder import TAP_NAMES
-from encoder_guard.encoders.plugins import ActivationAlignment, unit_shape
+from encoder_guard.encoders.plugins import SCORES, ActivationAlignment, unit_shape
 
 
 def _stage_outputs(encoder: Encoder, images: Tensor, tap: str, batch_size: int, grad: bool = False):
@@ -100,9 +102,12 @@ class Purifier:
         granularity: ``channel``, ``cube`` or ``feature``.
         taps: stage outputs to align (names from ``TAP_NAMES``), fitted in network order.
         quantile: the range of a unit is its clean ``[1 − q, q]`` quantiles.
-        gate: align only the inputs whose mean excess over ``hi`` (per-unit, in clean standard deviations)
-            is above this quantile of the clean inputs' (``ActivationAlignment``'s gate); ``None`` aligns every
+        gate: align only the inputs whose excess over ``hi`` (per-unit, in clean standard deviations, scored
+            by ``gate_score``) is above this quantile of the clean inputs' (``ActivationAlignment``'s gate); ``None`` aligns every
             input. A plain clamp trims every clean input's upper tail too, which is what costs clean accuracy.
+        gate_score: how a gate scores an input's excess over ``hi`` (``ActivationAlignment``): ``peak``, the
+            largest over the map's positions of the channels' mean (a patch trigger raises a few positions),
+            or ``mean``, over the whole map (up to session 20).
         gate_taps: with a gate, the taps whose gate scores inputs (``None``: every tap; names not among
             ``taps`` are ignored, but one must be). The other taps align only what these flag, on a second
             pass from the first tap (``ActivationAlignment(detect=False)``).
@@ -121,6 +126,7 @@ class Purifier:
         quantile_low: float = 0.65,
         gate: float | None = 0.99,
         gate_taps: Sequence[str] | None = None,
+        gate_score: str = "peak",
         plus: bool = False,
         suppress: float = 0.0,
         suppress_gain: float = 0.0,
@@ -142,7 +148,9 @@ class Purifier:
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
         self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
-        self.quantile_low, self.gate, self.gate_taps = quantile_low, gate, None
+        if gate_score not in SCORES:
+            raise ValueError(f"gate_score must be one of {', '.join(SCORES)}, not {gate_score!r}")
+        self.quantile_low, self.gate, self.gate_taps, self.gate_score = quantile_low, gate, None, gate_score
         if gate_taps is not None:  # those of the taps; the preset's stay valid when a user picks other taps
             unknown = [t for t in gate_taps if t not in TAP_NAMES]
             self.gate_taps = [t for t in self.taps if t in gate_taps]
@@ -183,7 +191,8 @@ class Purifier:
                 plugin.hi.copy_(_ranges(part, q)[1].view_as(plugin.hi))
                 plugin.scale.copy_(_scale(part).view_as(plugin.scale))
                 rows = per_image[scored].flatten(0, 1).view(-1, *plugin.hi.shape[1:])
-                excess[scored] = plugin.excess(rows).view(len(scored), -1).mean(1)
+                per_row = plugin.excess(rows).view(len(scored), -1)  # channel-wise: a row per position
+                excess[scored] = per_row.amax(1) if plugin.score == "peak" else per_row.mean(1)
             plugin.hi.copy_(hi.view_as(plugin.hi))
             plugin.scale.copy_(_scale(values).view_as(plugin.scale))
             plugin.gate.fill_(torch.quantile(excess, self.gate).item())
@@ -232,7 +241,8 @@ class Purifier:
             side = int(round(enc.spec.input_size / info[tap]["reduction"]))
             gated = self.gate is not None
             detect = not gated or self.gate_taps is None or tap in self.gate_taps
-            plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=gated, detect=detect)
+            plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=gated, detect=detect,
+                                         score=self.gate_score)
             enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
             t_tap = time.perf_counter()
             rating = self._importance(enc, images, tap, plugin) if self.plus else None

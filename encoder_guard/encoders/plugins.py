@@ -18,9 +18,13 @@ because the stage's output is its own, so a plug-in may then overwrite ``x`` rat
   ``C × 1 × 1`` cube is rescaled when its norm leaves the range, so its direction is kept);
 - ``feature``: one range per element ``(c, h, w)``.
 
-A *gated* alignment (``gated=True``) aligns only the inputs found anomalous: per sample, the mean excess
-of the units over their ``hi`` (in units of each unit's clean spread ``scale``) is compared with a
-threshold ``gate`` fitted on clean data. A sample flagged at one tap stays flagged at every later tap of
+A *gated* alignment (``gated=True``) aligns only the inputs found anomalous: per sample, a score of the
+units' excess over their ``hi`` (in units of each unit's clean spread ``scale``) is compared with a
+threshold ``gate`` fitted on clean data. The score (``score``) is the excess averaged over the whole map
+(``mean``, the only one before session 21), or averaged over the channels at each position and taken at
+the position where it is largest (``peak``): a patch trigger raises a few positions of a map, and the
+mean over all of them dilutes it into the clean inputs' spread (measured on a weakly backdoored encoder:
+50% of triggered inputs caught at layer4 by the mean, 99% by the peak, at the same 1% of clean ones). A sample flagged at one tap stays flagged at every later tap of
 the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
 stands out at the stem and at the last stage, not in between, yet it has to be aligned in between too.
 A sample first flagged at a later tap is run again with every tap aligned (``Encoder``): where a trigger
@@ -46,6 +50,7 @@ from encoder_guard.registry import Registry
 
 PLUGINS: Registry[type] = Registry("plug-in")
 GRANULARITIES = ("channel", "cube", "feature")
+SCORES = ("mean", "peak")
 
 
 def unit_shape(granularity: str, channels: int, size: int) -> tuple[int, ...]:
@@ -116,11 +121,15 @@ class ActivationAlignment(nn.Module):
     Before fitting it is the identity (``lo = -inf``, ``hi = +inf``, ``gain = 1``).
     """
 
-    def __init__(self, granularity: str, channels: int, size: int, gated: bool = False, detect: bool = True) -> None:
+    def __init__(self, granularity: str, channels: int, size: int, gated: bool = False, detect: bool = True,
+                 score: str = "mean") -> None:
         super().__init__()
         if not (detect or gated):
             raise ValueError("detect=False is for gated plug-ins: an ungated one aligns every input anyway")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
         self.granularity, self.channels, self.size, self.gated, self.detect = granularity, channels, size, gated, detect
+        self.score = score  # "mean" is what a checkpoint without the key was fitted with
         shape = unit_shape(granularity, channels, size)
         self.register_buffer("lo", torch.full(shape, -torch.inf))
         self.register_buffer("hi", torch.full(shape, torch.inf))
@@ -182,7 +191,8 @@ class ActivationAlignment(nn.Module):
         return torch.clamp(x, self.lo, self.hi)  # ~10x faster on CPU than torch.minimum + torch.maximum
 
     def excess(self, x: Tensor) -> Tensor:
-        """Per sample, the mean excess of its units over ``hi`` in units of their clean ``scale`` (gated only).
+        """Per sample, the excess of its units over ``hi`` in units of their clean ``scale`` (gated only): the
+        mean over the map, or with ``score="peak"`` the largest over positions of the mean over channels.
 
         The gate runs on every input, so it must cost less than the stage it guards: ``relu(v − hi)`` is
         taken as ``max(v, hi) − hi``, one clamp pass over the map and a matrix-vector product with
@@ -193,10 +203,17 @@ class ActivationAlignment(nn.Module):
         values = cube_norms(x) if self.granularity == "cube" else x
         weight = self.scale.reciprocal().flatten()
         offset = self.hi.flatten() @ weight
-        if _dense(values) or bool(torch.isfinite(offset)):
+        fitted = _dense(values) or bool(torch.isfinite(offset))
+        if fitted:
             over = torch.clamp(values, min=self.hi)
         else:
             over, offset = (values - self.hi).relu_(), offset.new_zeros(())
+        if self.score == "peak":  # per position: the channels' weighted excess, (B, H, W); then its maximum
+            inverse = self.scale.reciprocal()
+            mass = (over * inverse).sum(1)
+            if fitted:
+                mass = mass - (self.hi * inverse).sum(1)
+            return mass.flatten(1).amax(1) / values.shape[1]
         if self.granularity == "channel":
             positions = over[0, 0].numel()
             return (over.sum(dim=(2, 3)) @ weight - positions * offset) / (positions * len(weight))
@@ -212,11 +229,12 @@ class ActivationAlignment(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size,
-                **({"gated": True} if self.gated else {}), **({} if self.detect else {"detect": False})}
+                **({"gated": True} if self.gated else {}), **({} if self.detect else {"detect": False}),
+                **({"score": self.score} if self.score != "mean" else {})}
 
     def extra_repr(self) -> str:
         return (f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
-                + ("" if self.detect else ", detect=False"))
+                + ("" if self.detect else ", detect=False") + ("" if self.score == "mean" else f", score={self.score}"))
 
 
 @PLUGINS.register("class-mask")
