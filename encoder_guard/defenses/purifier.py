@@ -23,8 +23,8 @@ clean standard deviations, floored at a tenth of the layer's median so that no u
 constant decides alone), averaged over the channels at each position and taken where it is largest
 (``gate_score = "peak"``; ``"mean"`` averages over the whole map, as up to session 20, which let half of a
 weak corner-patch backdoor's inputs through), is compared with the 0.99 quantile of clean inputs' score,
-calibrated out of sample, and only inputs above it are aligned, at every tap: an input caught at a later tap is run again
-aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar the ~1% the gate takes
+calibrated out of sample, and only inputs above it are aligned, at every tap: an input caught at a later
+tap is run again aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar the ~1% the gate takes
 at each tap. Because only caught inputs are aligned, their range can be tight at little cost to clean
 accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, README "Purifier").
 
@@ -103,8 +103,9 @@ class Purifier:
         taps: stage outputs to align (names from ``TAP_NAMES``), fitted in network order.
         quantile: the range of a unit is its clean ``[1 − q, q]`` quantiles.
         gate: align only the inputs whose excess over ``hi`` (per-unit, in clean standard deviations, scored
-            by ``gate_score``) is above this quantile of the clean inputs' (``ActivationAlignment``'s gate); ``None`` aligns every
-            input. A plain clamp trims every clean input's upper tail too, which is what costs clean accuracy.
+            by ``gate_score``) is above this quantile of the clean inputs' (``ActivationAlignment``'s gate);
+            ``None`` aligns every input. A plain clamp trims every clean input's upper tail too, which is what
+            costs clean accuracy.
         gate_score: how a gate scores an input's excess over ``hi`` (``ActivationAlignment``): ``peak``, the
             largest over the map's positions of the channels' mean (a patch trigger raises a few positions),
             or ``mean``, over the whole map (up to session 20).

@@ -24,8 +24,8 @@ threshold ``gate`` fitted on clean data. The score (``score``) is the excess ave
 (``mean``, the only one before session 21), or averaged over the channels at each position and taken at
 the position where it is largest (``peak``): a patch trigger raises a few positions of a map, and the
 mean over all of them dilutes it into the clean inputs' spread (measured on a weakly backdoored encoder:
-50% of triggered inputs caught at layer4 by the mean, 99% by the peak, at the same 1% of clean ones). A sample flagged at one tap stays flagged at every later tap of
-the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
+52% of triggered inputs caught at layer4 by the mean, 99% by the peak, at about 1% of clean ones).
+A sample flagged at one tap stays flagged at every later tap of the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
 stands out at the stem and at the last stage, not in between, yet it has to be aligned in between too.
 A sample first flagged at a later tap is run again with every tap aligned (``Encoder``): where a trigger
 is caught depends on the trigger and the fit (a blended noise pattern at layer1 or layer2, a patch at the
@@ -201,7 +201,8 @@ class ActivationAlignment(nn.Module):
         (a host wait) and scores an unfitted plug-in NaN, which flags nothing.
         """
         values = cube_norms(x) if self.granularity == "cube" else x
-        weight = self.scale.reciprocal().flatten()
+        inverse = self.scale.reciprocal()
+        weight = inverse.flatten()
         offset = self.hi.flatten() @ weight
         fitted = _dense(values) or bool(torch.isfinite(offset))
         if fitted:
@@ -209,7 +210,6 @@ class ActivationAlignment(nn.Module):
         else:
             over, offset = (values - self.hi).relu_(), offset.new_zeros(())
         if self.score == "peak":  # per position: the channels' weighted excess, (B, H, W); then its maximum
-            inverse = self.scale.reciprocal()
             mass = (over * inverse).sum(1)
             if fitted:
                 mass = mass - (self.hi * inverse).sum(1)
