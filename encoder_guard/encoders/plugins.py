@@ -25,8 +25,9 @@ threshold ``gate`` fitted on clean data. The score (``score``) is the excess ave
 the position where it is largest (``peak``): a patch trigger raises a few positions of a map, and the
 mean over all of them dilutes it into the clean inputs' spread (measured on a weakly backdoored encoder:
 52% of triggered inputs caught at layer4 by the mean, 99% by the peak, at about 1% of clean ones).
-A sample flagged at one tap stays flagged at every later tap of the same forward pass (the encoder shares one ``SampleFlags`` among its gated plug-ins): a patch trigger
-stands out at the stem and at the last stage, not in between, yet it has to be aligned in between too.
+A sample flagged at one tap stays flagged at every later tap of the same forward pass (the encoder shares
+one ``SampleFlags`` among its gated plug-ins): a patch trigger stands out at the stem and at the last
+stage, not in between, yet it has to be aligned in between too.
 A sample first flagged at a later tap is run again with every tap aligned (``Encoder``): where a trigger
 is caught depends on the trigger and the fit (a blended noise pattern at layer1 or layer2, a patch at the
 stem, layer1 or layer4), and the taps it passed unaligned had already carried it on.
