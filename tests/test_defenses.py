@@ -161,6 +161,26 @@ def test_teacher_views_are_the_only_inputs_the_teacher_sees(teacher, tmp_path):
     assert len(seen) == 2 and all(len(v) == 16 for v in seen)  # without teacher views: both views
 
 
+def test_standardised_clone_space_scores_the_teachers_z_scores(teacher, tmp_path):
+    from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
+    from pretrain.augment import ViewConfig
+
+    images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
+    weights = LossWeights(0.0, 1.0, 0.0, [], [])
+    history = {}
+    for space in ("raw", "standardised"):
+        history[space] = distill(fresh_copy(teacher, 0), teacher, images, weights, Schedule(epochs=2, batch_size=8),
+                                 ViewConfig(), tmp_path / f"{space}.pt", clone_space=space)
+    # the same student, data and views: only the space the cosine is taken in differs
+    assert all(h["clone"] > 0 for hs in history.values() for h in hs)
+    assert history["raw"][0]["clone"] != pytest.approx(history["standardised"][0]["clone"], rel=1e-3)
+    with pytest.raises(ValueError, match="clone_space"):
+        distill(fresh_copy(teacher, 0), teacher, images, weights, Schedule(epochs=1, batch_size=8), ViewConfig(),
+                tmp_path / "bad.pt", clone_space="whitened")
+    with pytest.raises(ValueError, match="clone_space"):
+        DEFENSES.get("mimic")(clone_space="whitened")
+
+
 def test_distill_layouts_agree_and_the_student_comes_back_contiguous(teacher, tmp_path):
     from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
     from pretrain.augment import ViewConfig

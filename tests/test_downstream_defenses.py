@@ -18,7 +18,7 @@ from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
 from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup, selection_quality
 from encoder_guard.defenses.padft import (PADFT, cluster_suspects, keep_lowest, relabelled_classes, sce_scores,
-                                         symmetric_cross_entropy)
+                                         signature_suspects, symmetric_cross_entropy)
 from encoder_guard.defenses.runner import run_defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
@@ -185,6 +185,31 @@ def test_relabelled_classes_flags_one_sided_confusions_not_mutual_ones():
     assert flagged == [3] and one_sided[3] == classes - 1 and max(one_sided[:3] + one_sided[4:]) == 0
 
 
+def test_signature_suspects_finds_the_agreeing_relabelled_samples_and_spares_the_class():
+    """Five Gaussian classes; 40 images of each other class shifted by one trigger vector and relabelled 0. The
+    scorer sends 75% of them back to their source and agrees with the label on the rest (the trigger pushes
+    them toward 0); the target's clean samples it gets right. The detector finds the agreeing ones too."""
+    g = torch.Generator().manual_seed(0)
+    classes, per, dim, per_source = 5, 300, 16, 40
+    centers = 4 * torch.randn(classes, dim, generator=g)
+    y = torch.arange(classes).repeat_interleave(per)
+    feats = centers[y] + torch.randn(len(y), dim, generator=g)
+    trigger = 3 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    sources = torch.arange(1, classes).repeat_interleave(per_source)
+    stamped = centers[sources] + torch.randn(len(sources), dim, generator=g) + trigger
+    feats, labels = torch.cat([feats, stamped]), torch.cat([y, torch.zeros_like(sources)])
+    pred = torch.cat([y, sources])
+    agreeing = torch.arange(len(sources))[torch.arange(len(sources)) % 4 == 0] + len(y)
+    pred[agreeing] = 0
+    poisoned = torch.zeros(len(labels), dtype=torch.bool)
+    poisoned[len(y):] = True
+    found = signature_suspects(feats, labels, pred, 0, rounds=3)
+    assert found[agreeing].float().mean() >= 0.95 and found[poisoned].float().mean() >= 0.98
+    assert not found[labels != 0].any()  # only the target class is searched
+    assert found[(labels == 0) & ~poisoned].float().mean() <= 0.05
+    assert torch.equal(signature_suspects(feats, labels, pred, 0, rounds=0), poisoned & (pred != 0))
+
+
 def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
     p, _ = poisoned
     result = PADFT(score_epochs=5, epochs=3).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
@@ -197,7 +222,7 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
     assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
     assert 0 < sel["kept"] <= 256
-    assert set(report["relabelled"]) == {"flagged_classes", "one_sided_cells"}
+    assert set(report["relabelled"]) == {"flagged_classes", "one_sided_cells", "signature_added"}
     every = PADFT(score_epochs=5, epochs=1, drop="all").run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
     assert every.report["selection"]["kept"] <= sel["kept"] and every.report["relabelled"] is None
     one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
@@ -212,6 +237,8 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
 
 
 def test_padft_validates_its_arguments():
+    with pytest.raises(ValueError, match="signature_rounds"):
+        PADFT(signature_rounds=-1)
     with pytest.raises(ValueError, match="keep"):
         PADFT(keep=0)
     with pytest.raises(ValueError, match="cluster_ratio"):

@@ -45,6 +45,8 @@ class Distillation:
             fine-tuning on the same clean data, as NAD does).
         teacher_epochs: SSL fine-tuning epochs of a ``finetuned`` teacher.
         ssl / clone / attention: loss weights.
+        clone_space: ``raw`` (cosine on the features as they are) or ``standardised`` (on features z-scored
+            per dimension by the teacher's statistics on the clean data; see ``distill.py``).
         stage_weights: ``mi`` (proportional to the teacher's per-stage MI, mean 1) or ``uniform``.
         taps: stages whose attention is distilled.
         mi: estimator settings: ``estimator`` (mine | infonce | gaussian), ``samples`` (clean images used),
@@ -72,6 +74,7 @@ class Distillation:
         schedule: dict[str, Any] | None = None,
         augment: dict[str, Any] | None = None,
         teacher_augment: dict[str, Any] | None = None,
+        clone_space: str = "raw",
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
@@ -81,6 +84,8 @@ class Distillation:
             raise ValueError(f"teacher must be 'given' or 'finetuned', not {teacher!r}")
         if teacher == "finetuned" and teacher_epochs < 1:
             raise ValueError("a finetuned teacher needs teacher_epochs >= 1")
+        if clone_space not in ("raw", "standardised"):
+            raise ValueError(f"clone_space must be 'raw' or 'standardised', not {clone_space!r}")
         if stage_weights not in ("mi", "uniform"):
             raise ValueError(f"stage_weights must be 'mi' or 'uniform', not {stage_weights!r}")
         self.student_init, self.teacher, self.teacher_epochs = student_init, teacher, teacher_epochs
@@ -90,6 +95,7 @@ class Distillation:
         self.mi = {"estimator": "mine", "samples": 2000, "pool": 2, **(mi or {})}
         self.schedule = Schedule(**{**(schedule or {}), "seed": seed, "device": device})
         self.views = ViewConfig(**(augment or {}))
+        self.clone_space = clone_space
         self.teacher_views = None if teacher_augment is None else ViewConfig(**{**self.views.to_dict(), **teacher_augment})
 
     def hparams(self) -> dict[str, Any]:
@@ -97,7 +103,8 @@ class Distillation:
                 "ssl": self.weights.ssl, "clone": self.weights.clone, "attention": self.weights.attention,
                 "stage_weights": self.stage_weights, "taps": self.taps, "mi": self.mi,
                 "schedule": vars(self.schedule), "augment": self.views.to_dict(),
-                "teacher_augment": None if self.teacher_views is None else self.teacher_views.to_dict()}
+                "teacher_augment": None if self.teacher_views is None else self.teacher_views.to_dict(),
+                "clone_space": self.clone_space}
 
     def stage_mi(self, teacher: Encoder, data: DefenseData) -> list[dict[str, Any]]:
         """Per-stage MI of the teacher on clean images (no augmentation)."""
@@ -130,7 +137,7 @@ class Distillation:
         needs_teacher = self.weights.clone > 0 or self.weights.attention > 0
         history = distill(student, teacher if needs_teacher else None, data.clean.images, self.weights, self.schedule,
                           self.views, out / "checkpoints" / "student.pt", resume, desc="defend",
-                          teacher_views=self.teacher_views)
+                          teacher_views=self.teacher_views, clone_space=self.clone_space)
         student.spec.provenance = dict(encoder.spec.provenance)
         report["history"] = history
         report["wall_seconds_this_session"] = time.perf_counter() - t0
@@ -152,10 +159,12 @@ def _register(name: str, **defaults: Any) -> None:
     DEFENSES.register(name)(functools.partial(Distillation, **defaults))
 
 
-# MIMIC with a half-weight clone loss, longer, averaged, and taught on weak views only: measured in the README
-# (small crops set the teacher's backdoor off; without the clone loss the student misses the kNN CA of the
-# 25-epoch preset's encoder; at full weight the clone loss carries the trigger back)
-_register("mimic", student_init="random", teacher="given", stage_weights="mi", clone=0.5, attention=1.5,
+# MIMIC with a half-weight clone loss on standardised features, longer, averaged, and taught on weak views only:
+# measured in the README (small crops set the teacher's backdoor off; without the clone loss the student misses
+# the kNN CA of the 25-epoch preset's encoder; at full weight the clone loss carries the trigger back; on raw
+# features it copies the teacher's dominant dimensions and misses the clean encoder's kNN no-harm line)
+_register("mimic", student_init="random", teacher="given", stage_weights="mi", clone=0.5, clone_space="standardised",
+          attention=1.5,
           schedule={"epochs": 80, "batch_size": 128, "lr": 2e-3, "ema": 0.998},
           teacher_augment={"crop_scale": (0.8, 1.0), "jitter_p": 0.0})
 _register("finetune", student_init="copy", teacher="given", clone=0.0, attention=0.0)

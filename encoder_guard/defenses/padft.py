@@ -23,6 +23,16 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    samples, and every other sample is kept (dropping the hard clean samples of every class cost 4–5
    points of CA, README). When no class is flagged every class loses them, as before: a target
    confusable with several classes (pullover, dress, shirt) leaves too few one-sided cells to be found.
+   **Trigger signature** (an addition to [0]). Some relabelled samples agree with their label even under
+   that scorer, because the trigger already pushes their features toward the target on a clean encoder;
+   with those alone (74–186 of 3,000) a fresh head learns the trigger (8.7–9.8% ASR, README). Their
+   disagreeing siblings show what they share: in a flagged class, a linear detector learns the
+   disagreeing samples (source image + trigger) against clean samples of the classes they are predicted
+   as (source image alone) and the class's agreeing samples; whatever it scores above 1/2 joins the
+   disagreeing ones, and it is refitted (``signature_rounds``). What separates an image stamped with the
+   trigger from the image is the trigger, so the agreeing poisoned samples score high and the clean
+   target samples do not. Only flagged classes are searched: in an unpoisoned class the same detector
+   learns the class's confusions instead and takes 20–70% of it (measured).
 2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
    quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
    what clean data ever shows is cut at the edge.
@@ -147,6 +157,46 @@ def relabelled_classes(y: Tensor, pred: Tensor, num_classes: int, ratio: float =
     return flagged.tolist(), one_sided.long().tolist()
 
 
+def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, rounds: int = 3, epochs: int = 30,
+                       seed: int = 0) -> Tensor:
+    """Mask of the samples labelled ``target`` that carry the trigger's feature signature.
+
+    Starts from the samples ``pred`` disagrees with (relabelled images of other classes); each round
+    fits a class-balanced logistic detector of them against clean samples of the classes they are
+    predicted as (three per suspect, from the samples ``pred`` agrees with) and against the rest of the
+    class, then adds whatever it scores above 1/2. Features are standardised inside.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+    members = y == target
+    flagged = members & (pred != target)
+    for _ in range(rounds):
+        pos = flagged.nonzero().flatten()
+        if len(pos) == 0:
+            break
+        sources = pred[pos]
+        neg = [(members & ~flagged).nonzero().flatten()]
+        for j in sources.unique():
+            pool = ((y == j) & (pred == j)).nonzero().flatten()
+            neg.append(pool[torch.randperm(len(pool), generator=g)[: 3 * int((sources == j).sum())]])
+        negs = torch.cat(neg)
+        xs, ys = torch.cat([x[pos], x[negs]]), torch.cat([torch.ones(len(pos)), torch.zeros(len(negs))])
+        layer = nn.Linear(x.shape[1], 1)
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        opt = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-3)
+        balance = torch.tensor(len(negs) / len(pos))
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xs), generator=g).split(512):
+                loss = F.binary_cross_entropy_with_logits(layer(xs[idx]).squeeze(1), ys[idx], pos_weight=balance)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            flagged = members & ((pred != target) | (layer(x).squeeze(1) > 0))
+    return flagged
+
+
 def keep_lowest(scores: Tensor, y: Tensor, share: float) -> Tensor:
     """Sorted indices of the ``share`` of each class with the lowest scores."""
     kept = []
@@ -177,6 +227,8 @@ class PADFT:
             of the classes :func:`relabelled_classes` flags, or every class's if it flags none (a target
             confusable with several classes, such as shirt, escapes the test, README); ``all`` every class's
             (up to session 15: it drops the hard clean samples of every class too, which cost 4–5 points).
+        signature_rounds: under ``drop: relabelled``, rounds of :func:`signature_suspects` in each flagged
+            class (0: off, the preset until session 22).
     """
 
     level = "classifier"
@@ -186,7 +238,9 @@ class PADFT:
                  sce_beta: float = 1.0, clip_quantile: float | None = 0.999, epochs: int = 20, lr: float = 0.01,
                  weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 0.0, mask: float = 0.2,
                  reinit: bool = False, second_pass: bool = True, drop: str = "relabelled",
-                 cluster_ratio: float | None = 1.6, seed: int = 0, device: str = "cpu") -> None:
+                 cluster_ratio: float | None = 1.6, signature_rounds: int = 3, seed: int = 0, device: str = "cpu") -> None:
+        if signature_rounds < 0:
+            raise ValueError(f"signature_rounds must be >= 0 (0: off), got {signature_rounds}")
         if drop not in ("relabelled", "all"):
             raise ValueError(f"drop must be 'relabelled' or 'all', not {drop!r}")
         if not 0 < keep <= 1:
@@ -199,17 +253,26 @@ class PADFT:
         self.clip_quantile, self.epochs, self.lr, self.weight_decay = clip_quantile, epochs, lr, weight_decay
         self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
         self.second_pass, self.drop, self.cluster_ratio, self.seed, self.device = second_pass, drop, cluster_ratio, seed, device
+        self.signature_rounds = signature_rounds
 
-    def _dropped(self, y: Tensor, pred: Tensor, num_classes: int) -> tuple[Tensor, dict[str, Any] | None]:
+    def _dropped(self, feats: Tensor, y: Tensor, pred: Tensor, num_classes: int) -> tuple[Tensor, dict[str, Any] | None]:
         """Mask of the samples the second pass removes (label ≠ ``pred``, in the flagged classes under
-        ``drop: relabelled``, or in every class when none is) and the one-sided test's report."""
+        ``drop: relabelled`` with the samples carrying the trigger's signature, or in every class when none
+        is flagged) and the one-sided test's report."""
         dropped = pred != y
         if self.drop == "all":
             return dropped, None
         flagged, one_sided = relabelled_classes(y, pred, num_classes)
-        if flagged:  # none flagged: no evidence of where the poison is, so every class as before
-            dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
-        return dropped, {"flagged_classes": flagged, "one_sided_cells": one_sided}
+        if not flagged:  # no evidence of where the poison is, so every class as before
+            return dropped, {"flagged_classes": flagged, "one_sided_cells": one_sided, "signature_added": {}}
+        dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
+        signature = {}
+        for c in flagged:
+            if self.signature_rounds > 0:
+                found = signature_suspects(feats, y, pred, c, self.signature_rounds, seed=self.seed)
+                signature[c] = int((found & ~dropped).sum())
+                dropped |= found
+        return dropped, {"flagged_classes": flagged, "one_sided_cells": one_sided, "signature_added": signature}
 
     def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
         t0 = time.perf_counter()
@@ -227,7 +290,7 @@ class PADFT:
         first, relabelled = len(kept), None
         if self.second_pass:  # a scorer that never saw the removed samples decides on every sample
             pred = sce_logits(feats, y, clf.num_classes, fit=kept, **kw).argmax(1)
-            dropped, relabelled = self._dropped(y, pred, clf.num_classes)
+            dropped, relabelled = self._dropped(feats, y, pred, clf.num_classes)
             kept = (~dropped & ~suspect).nonzero().flatten()
         head = clf.head
         f, yk = feats[kept], y[kept]
