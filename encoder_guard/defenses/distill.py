@@ -191,9 +191,9 @@ def distill(
     shift, scale = 0.0, 1.0
     if teacher is not None and clone_space == "standardised":
         with torch.no_grad():
-            t_all = torch.cat([teacher(images[i : i + 512].to(device).float().div(255).contiguous(memory_format=layout))
-                               for i in range(0, len(images), 512)])
-        shift, scale = t_all.mean(0), t_all.std(0).clamp_min(1e-6)
+            chunks = (images[i : i + 512].to(device).float().div(255) for i in range(0, len(images), 512))
+            t_all = torch.cat([teacher(x.contiguous(memory_format=layout)) for x in chunks])
+        shift, scale = t_all.mean(0), t_all.std(0).clamp_min(1e-6)  # the teacher's, on the clean images
     taught = slice(bs, None) if teacher_views is not None else slice(None)  # the views the teacher's losses see
     bar = tqdm(total=total, initial=start * steps, desc=desc, unit="step", mininterval=1.0)
     epoch = start
