@@ -66,7 +66,8 @@ from downstream.classifier import Classifier
 from downstream.features import cached_features
 from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
 from encoder_guard.defenses.downstream import selection_quality
-from encoder_guard.defenses.tail import HeadTuner
+from encoder_guard.defenses.tail import HeadTuner, fit_minibatches
+from encoder_guard.mi.base import standardise
 
 
 def symmetric_cross_entropy(logits: Tensor, y: Tensor, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> Tensor:
@@ -81,7 +82,7 @@ def sce_logits(feats: Tensor, y: Tensor, num_classes: int, epochs: int = 1, lr: 
                alpha: float = 0.1, beta: float = 1.0, seed: int = 0, fit: Tensor | None = None) -> Tensor:
     """Logits of every sample under a linear scorer trained with SCE on ``(feats, y)`` (standardised inside;
     trained on the samples ``fit`` only when given)."""
-    x = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+    x = standardise(feats)
     xf, yf = (x, y) if fit is None else (x[fit], y[fit])
     g = torch.Generator().manual_seed(seed)
     layer = nn.Linear(x.shape[1], num_classes)
@@ -167,7 +168,7 @@ def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, roun
     class, then adds whatever it scores above 1/2. Features are standardised inside.
     """
     g = torch.Generator().manual_seed(seed)
-    x = (feats - feats.mean(0)) / feats.std(0).clamp_min(1e-6)
+    x = standardise(feats)
     members = y == target
     flagged = members & (pred != target)
     for _ in range(rounds):
@@ -184,14 +185,13 @@ def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, roun
         layer = nn.Linear(x.shape[1], 1)
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
-        opt = torch.optim.Adam(layer.parameters(), lr=0.01, weight_decay=1e-3)
         balance = torch.tensor(len(negs) / len(pos))
-        for _ in range(epochs):
-            for idx in torch.randperm(len(xs), generator=g).split(512):
-                loss = F.binary_cross_entropy_with_logits(layer(xs[idx]).squeeze(1), ys[idx], pos_weight=balance)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+
+        def batch_loss(idx: Tensor) -> Tensor:
+            return F.binary_cross_entropy_with_logits(layer(xs[idx]).squeeze(1), ys[idx], pos_weight=balance)
+
+        fit_minibatches(list(layer.parameters()), len(xs), batch_loss, epochs, 0.01, 512, "PAD-FT signature", g,
+                        weight_decay=1e-3)
         with torch.no_grad():
             flagged = members & ((pred != target) | (layer(x).squeeze(1) > 0))
     return flagged
