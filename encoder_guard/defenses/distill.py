@@ -75,6 +75,9 @@ def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], weights
     return torch.stack(terms).sum()
 
 
+CLONE_SPACES = ("raw", "standardised")
+
+
 def clone_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
 
@@ -151,8 +154,8 @@ def distill(
     log = get_logger()
     if teacher is None and (weights.clone > 0 or weights.attention > 0):
         raise ValueError("the clone and attention losses need a teacher")
-    if clone_space not in ("raw", "standardised"):
-        raise ValueError(f"clone_space must be 'raw' or 'standardised', not {clone_space!r}")
+    if clone_space not in CLONE_SPACES:
+        raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
     device = torch.device(schedule.device)
     layout = torch.channels_last if schedule.channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=[]):
@@ -189,7 +192,7 @@ def distill(
         log.info(f"{desc}: resuming at epoch {start + 1}/{schedule.epochs}")
     second_views = teacher_views or views
     shift, scale = 0.0, 1.0
-    if teacher is not None and clone_space == "standardised":
+    if weights.clone > 0 and clone_space == "standardised":  # a teacher pass only when the clone loss is on
         with torch.no_grad():
             chunks = (images[i : i + 512].to(device).float().div(255) for i in range(0, len(images), 512))
             t_all = torch.cat([teacher(x.contiguous(memory_format=layout)) for x in chunks])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
-from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
+from encoder_guard.defenses.distill import CLONE_SPACES, LossWeights, Schedule, distill, fresh_copy
 from encoder_guard.encoders import Encoder, save_encoder, load_encoder
 from encoder_guard.mi import build_estimator
 from encoder_guard.mi.layers import layer_mutual_information, mi_weights
@@ -84,8 +84,8 @@ class Distillation:
             raise ValueError(f"teacher must be 'given' or 'finetuned', not {teacher!r}")
         if teacher == "finetuned" and teacher_epochs < 1:
             raise ValueError("a finetuned teacher needs teacher_epochs >= 1")
-        if clone_space not in ("raw", "standardised"):
-            raise ValueError(f"clone_space must be 'raw' or 'standardised', not {clone_space!r}")
+        if clone_space not in CLONE_SPACES:  # checked here too, so a bad config fails before the MI estimates
+            raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
         if stage_weights not in ("mi", "uniform"):
             raise ValueError(f"stage_weights must be 'mi' or 'uniform', not {stage_weights!r}")
         self.student_init, self.teacher, self.teacher_epochs = student_init, teacher, teacher_epochs
