@@ -17,8 +17,8 @@ from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
 from encoder_guard.defenses.downstream import compare_metrics, deployed_classifier, downstream_setup, selection_quality
-from encoder_guard.defenses.padft import (PADFT, cluster_suspects, keep_lowest, relabelled_classes, sce_scores,
-                                         signature_suspects, symmetric_cross_entropy)
+from encoder_guard.defenses.padft import (PADFT, cluster_suspects, keep_lowest, one_sided_classes, sce_scores,
+                                         signature_suspects, spread_classes, symmetric_cross_entropy)
 from encoder_guard.defenses.runner import run_defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
@@ -171,17 +171,54 @@ def test_cluster_guard_sets_aside_a_second_population_and_nothing_else():
     assert mask[len(y):].all() and not mask[: len(y)].any()
 
 
-def test_relabelled_classes_flags_one_sided_confusions_not_mutual_ones():
+def _confused(classes: int = 10, per: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and a scorer's predictions with natural confusions: look-alike pairs both ways, and class 6
+    (a shirt) confused both ways with four classes and predicted for some images of five others."""
+    y = torch.arange(classes).repeat_interleave(per)
+    pred, used = y.clone(), [0] * classes
+
+    def send(a: int, b: int, k: int) -> None:
+        pred[a * per + used[a] : a * per + used[a] + k] = b
+        used[a] += k
+
+    for a, b, k in ((0, 6, 120), (2, 4, 90), (5, 7, 60), (2, 6, 80), (4, 6, 70), (3, 6, 40)):
+        send(a, b, k)
+        send(b, a, k)
+    for k in (1, 5, 7, 8, 9):
+        send(k, 6, 20)
+    return y, pred
+
+
+def _relabelled(y: torch.Tensor, pred: torch.Tensor, target: int, per_source: int, classes: int = 10):
+    """``per_source`` images of every other class relabelled to ``target``; the scorer sees their source."""
+    sources = torch.tensor([k for k in range(classes) if k != target]).repeat_interleave(per_source)
+    return torch.cat([y, torch.full_like(sources, target)]), torch.cat([pred, sources])
+
+
+def test_spread_classes_flags_relabelling_from_every_class_not_look_alike_confusions():
+    y, pred = _confused()
+    flagged, typical = spread_classes(y, pred, 10)
+    assert flagged == [] and max(typical) == 0.0  # even class 6, confused with four others
+    for target in (3, 6):  # 6 is confused both ways with four classes: the one-sided test misses it
+        flagged, typical = spread_classes(*_relabelled(y, pred, target, 25), 10)
+        assert flagged == [target] and typical[target] == pytest.approx(25 / 500)
+    assert one_sided_classes(*_relabelled(y, pred, 6, 25), 10)[0] == []
+    # a weak encoder confuses every class with every other: no class stands out, none is flagged
+    g = torch.Generator().manual_seed(0)
+    weak = torch.where(torch.rand(len(y), generator=g) < 0.3, torch.randint(0, 10, (len(y),), generator=g), y)
+    flagged, typical = spread_classes(y, weak, 10)
+    assert flagged == [] and min(typical) > 0.015
+
+
+def test_one_sided_classes_flags_one_sided_confusions_not_mutual_ones():
     classes, per = 10, 500
     y = torch.arange(classes).repeat_interleave(per)
     pred = y.clone()
     for a, b, k in ((0, 6, 120), (2, 4, 90), (5, 7, 60)):  # confusable pairs, both ways
         pred[a * per : a * per + k] = b
         pred[b * per : b * per + k] = a
-    assert relabelled_classes(y, pred, classes)[0] == []
-    # 40 images of every other class relabelled to 3: the scorer still sees their source class
-    sources = torch.tensor([k for k in range(classes) if k != 3]).repeat_interleave(40)
-    flagged, one_sided = relabelled_classes(torch.cat([y, torch.full_like(sources, 3)]), torch.cat([pred, sources]), classes)
+    assert one_sided_classes(y, pred, classes)[0] == []
+    flagged, one_sided = one_sided_classes(*_relabelled(y, pred, 3, 40), classes)
     assert flagged == [3] and one_sided[3] == classes - 1 and max(one_sided[:3] + one_sided[4:]) == 0
 
 
@@ -222,7 +259,7 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
     assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
     assert 0 < sel["kept"] <= 256
-    assert set(report["relabelled"]) == {"flagged_classes", "one_sided_cells", "signature_added"}
+    assert set(report["relabelled"]) == {"flag", "flagged_classes", "evidence", "signature_added"}
     every = PADFT(score_epochs=5, epochs=1, drop="all").run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
     assert every.report["selection"]["kept"] <= sel["kept"] and every.report["relabelled"] is None
     one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
