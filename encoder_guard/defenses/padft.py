@@ -157,7 +157,8 @@ def spread_classes(y: Tensor, pred: Tensor, num_classes: int, floor: float = 0.0
     other classes is at least ``floor`` and ``ratio`` times the median class's (the second bound keeps a
     weak encoder, whose classes all spread, from flagging everything). Measured on Fashion-MNIST at 5%
     BadNets poisoning with the 9×9 square (README, "PAD-FT since session 23"): 0.0–0.9% for the classes
-    without poison, 5.6–6.6% for the target, whichever of the ten it is. Returns the flagged classes and every class's median share.
+    without poison, 5.6–6.6% for the target, whichever of the ten it is. Returns the flagged classes and
+    every class's median share.
     """
     n = _disagreements(y, pred, num_classes)
     sizes = torch.bincount(y, minlength=num_classes).float().clamp_min(1)
