@@ -20,7 +20,7 @@ from encoder_guard.defenses.downstream import compare_metrics, deployed_classifi
 from encoder_guard.defenses.padft import (PADFT, cluster_suspects, keep_lowest, one_sided_classes, sce_scores,
                                          signature_suspects, spread_classes, symmetric_cross_entropy)
 from encoder_guard.defenses.runner import run_defense
-from encoder_guard.defenses.tail import Tail
+from encoder_guard.defenses.tail import Tail, fit_minibatches
 from encoder_guard.encoders import Encoder, make_spec, save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger, save_trigger
@@ -273,6 +273,26 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert not plain.encoder.head.clipped and plain.report["clipped_dims"] == 0
 
 
+def test_fit_minibatches_cosine_anneals_to_a_batch_order_independent_end():
+    """Two overlapping classes: at a constant rate the last minibatches move the boundary, so two batch
+    orders end on different weights; annealed to 0 they end on nearly the same."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(400, 4, generator=g) + 0.5, torch.randn(400, 4, generator=g) - 0.5])
+    y = torch.arange(2).repeat_interleave(400)
+
+    def end(seed: int, cosine: bool) -> torch.Tensor:
+        layer = torch.nn.Linear(4, 2)
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+        fit_minibatches(list(layer.parameters()), len(x), lambda idx: F.cross_entropy(layer(x[idx]), y[idx]), 10,
+                        0.1, 32, "test", torch.Generator().manual_seed(seed), cosine=cosine)
+        return torch.cat([layer.weight.flatten(), layer.bias]).detach()
+
+    constant = (end(0, False) - end(1, False)).norm()
+    annealed = (end(0, True) - end(1, True)).norm()
+    assert annealed < constant / 3
+
+
 def test_padft_validates_its_arguments():
     with pytest.raises(ValueError, match="signature_rounds"):
         PADFT(signature_rounds=-1)
@@ -284,6 +304,10 @@ def test_padft_validates_its_arguments():
         PADFT(drop="some")
     with pytest.raises(ValueError, match="clip_quantile"):
         PADFT(clip_quantile=0.4)
+    with pytest.raises(ValueError, match="flag"):
+        PADFT(flag="two-sided")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        PADFT(lr_schedule="step")
 
 
 # -------------------------------------------------------------------------------- defenses.downstream

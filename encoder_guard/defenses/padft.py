@@ -246,6 +246,7 @@ class PADFT:
         clip_quantile: activation bounds from the kept features' ``[1 − q, q]`` quantiles (1.0: min/max;
             ``None``: no clipping).
         epochs / lr / weight_decay / batch_size: fine-tuning of the last layer (Adam).
+        lr_schedule: ``cosine`` (anneal the rate to 0, since session 23) or ``constant`` (before).
         consistency: weight of the consistency term; ``mask``: share of dimensions masked for it.
         reinit: start the last layer from zero instead of the deployed weights.
         cluster_ratio: a class whose 2-means silhouette is at least this multiple of the median class's has
@@ -269,8 +270,10 @@ class PADFT:
                  sce_beta: float = 1.0, clip_quantile: float | None = 0.999, epochs: int = 20, lr: float = 0.01,
                  weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 0.0, mask: float = 0.2,
                  reinit: bool = False, second_pass: bool = True, drop: str = "relabelled",
-                 cluster_ratio: float | None = 1.6, signature_rounds: int = 3, flag: str = "spread", seed: int = 0,
-                 device: str = "cpu") -> None:
+                 cluster_ratio: float | None = 1.6, signature_rounds: int = 3, flag: str = "spread",
+                 lr_schedule: str = "cosine", seed: int = 0, device: str = "cpu") -> None:
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {lr_schedule!r}")
         if flag not in FLAG_TESTS:
             raise ValueError(f"flag must be one of {sorted(FLAG_TESTS)}, not {flag!r}")
         if signature_rounds < 0:
@@ -287,7 +290,7 @@ class PADFT:
         self.clip_quantile, self.epochs, self.lr, self.weight_decay = clip_quantile, epochs, lr, weight_decay
         self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
         self.second_pass, self.drop, self.cluster_ratio, self.seed, self.device = second_pass, drop, cluster_ratio, seed, device
-        self.signature_rounds, self.flag = signature_rounds, flag
+        self.signature_rounds, self.flag, self.lr_schedule = signature_rounds, flag, lr_schedule
 
     def _dropped(self, feats: Tensor, y: Tensor, pred: Tensor,
                  num_classes: int) -> tuple[Tensor, dict[str, Any] | None]:
@@ -351,7 +354,8 @@ class PADFT:
                                                           reduction="batchmean")
             return loss
 
-        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "PAD-FT")
+        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "PAD-FT",
+                  cosine=self.lr_schedule == "cosine")
         tuner.commit()
         for p in clf.parameters():
             p.requires_grad_(False)

@@ -102,11 +102,12 @@ class HeadTuner:
         return w, self.layer.bias - w @ self.mean
 
     def fit(self, batch_loss: Callable[[Tensor], Tensor], epochs: int, lr: float, weight_decay: float,
-            batch_size: int, desc: str, before_epoch: Callable[[int], None] | None = None) -> None:
+            batch_size: int, desc: str, before_epoch: Callable[[int], None] | None = None,
+            cosine: bool = False) -> None:
         """Adam over shuffled minibatches; ``batch_loss(idx)`` is the loss of samples ``idx`` (use :attr:`layer`
-        on :attr:`x`); ``before_epoch(epoch)`` runs at the start of every epoch."""
+        on :attr:`x`); ``before_epoch(epoch)`` runs at the start of every epoch; ``cosine`` anneals the rate."""
         fit_minibatches(list(self.layer.parameters()), len(self.x), batch_loss, epochs, lr, batch_size, desc,
-                        self.generator, weight_decay=weight_decay, before_epoch=before_epoch)
+                        self.generator, weight_decay=weight_decay, before_epoch=before_epoch, cosine=cosine)
 
     def commit(self) -> None:
         self.head.load_standardised(self.layer, self.mean, self.std)
@@ -114,14 +115,19 @@ class HeadTuner:
 
 def fit_minibatches(params: list[nn.Parameter], n: int, batch_loss: Callable[[Tensor], Tensor], epochs: int, lr: float,
                     batch_size: int, desc: str, generator: torch.Generator, weight_decay: float = 0.0,
-                    before_epoch: Callable[[int], None] | None = None, after_step: Callable[[], None] | None = None) -> None:
+                    before_epoch: Callable[[int], None] | None = None, after_step: Callable[[], None] | None = None,
+                    cosine: bool = False) -> None:
     """Adam on ``params`` over ``epochs`` of shuffled minibatches of ``n`` cached samples, with a progress bar.
 
     ``batch_loss(idx)`` is the loss of samples ``idx``; ``before_epoch(epoch)`` runs at the start of every
-    epoch, ``after_step()`` after every optimiser step (e.g. a projection). A NaN/inf loss stops with
-    :class:`TrainingDivergedError`.
+    epoch, ``after_step()`` after every optimiser step (e.g. a projection). ``cosine`` anneals the rate to 0
+    over the run: at a constant rate the last step decides where a head puts the boundary between
+    look-alike classes, and PAD-FT's CA moved by 1.2 points with the batch order alone (README, "PAD-FT
+    since session 23"). A NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-n // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine and steps > 0 else None
     bar = trange(epochs, desc=desc, unit="epoch", leave=False, mininterval=1.0)
     for epoch in bar:
         if before_epoch is not None:
@@ -134,6 +140,8 @@ def fit_minibatches(params: list[nn.Parameter], n: int, batch_loss: Callable[[Te
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if after_step is not None:
                 after_step()
             total += loss.item() * len(idx)
