@@ -24,6 +24,9 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def resolve_precision(name: str | None, device: torch.device) -> str:
     """``fp32`` or ``bf16``; ``auto`` picks bf16 only where the hardware runs it natively.
 
@@ -32,7 +35,7 @@ def resolve_precision(name: str | None, device: torch.device) -> str:
     ``auto`` keeps fp32 there.
     """
     name = name or "fp32"
-    if name not in ("auto", "fp32", "bf16"):
+    if name not in PRECISIONS:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}")
     if name != "auto":
         return name

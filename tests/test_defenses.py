@@ -190,8 +190,8 @@ def test_distill_layouts_agree_and_the_student_comes_back_contiguous(teacher, tm
     students = {}
     for nhwc in (False, True):
         students[nhwc] = fresh_copy(teacher, 0)
-        distill(students[nhwc], teacher, images, weights, Schedule(epochs=1, batch_size=8, channels_last=nhwc),
-                ViewConfig(), tmp_path / f"{nhwc}.pt")
+        distill(students[nhwc], teacher, images, weights,
+                Schedule(epochs=1, batch_size=8, channels_last=nhwc, precision="fp32"), ViewConfig(), tmp_path / f"{nhwc}.pt")
     # the layout changes the order of float sums, not the training: after one epoch (two Adam steps of at most
     # ~lr each) the weights agree, bar the odd element whose near-zero gradient took the other sign
     for (name, a), b in zip(students[False].state_dict().items(), students[True].state_dict().values()):
@@ -200,3 +200,38 @@ def test_distill_layouts_agree_and_the_student_comes_back_contiguous(teacher, tm
     assert all(p.is_contiguous() for p in students[True].parameters())
     assert all(p.is_contiguous() for p in teacher.parameters())
     save_encoder(students[True], tmp_path / "student.safetensors")  # safetensors refuses non-contiguous tensors
+
+
+def test_distill_runs_the_networks_in_the_precision_asked_and_every_loss_in_fp32(teacher, tmp_path):
+    from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
+    from pretrain.augment import ViewConfig
+
+    images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
+    dtypes = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, v):
+            feats = teacher(v)
+            dtypes.append(feats.dtype)
+            return feats
+
+        def forward_intermediates(self, v, taps):
+            feats, maps = teacher.forward_intermediates(v, taps)
+            dtypes.append(feats.dtype)
+            return feats, maps
+
+    weights = LossWeights(1.0, 1.0, 1.0, ["layer2", "layer4"], [1.0, 1.0])
+    students, history = {}, {}
+    for precision in ("fp32", "bf16"):
+        dtypes.clear()
+        students[precision] = fresh_copy(teacher, 0)
+        history[precision] = distill(students[precision], Spy(), images, weights,
+                                     Schedule(epochs=1, batch_size=8, precision=precision), ViewConfig(),
+                                     tmp_path / f"{precision}.pt", clone_space="standardised")
+        # the statistics pass and both steps ran the teacher under that precision
+        assert set(dtypes) == {torch.float32 if precision == "fp32" else torch.bfloat16}, precision
+        assert all(p.dtype == torch.float32 for p in students[precision].parameters())  # the weights stay fp32
+    for key in ("ssl", "clone", "attention"):
+        assert history["bf16"][0][key] == pytest.approx(history["fp32"][0][key], rel=0.05), key
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Schedule(precision="fp16")

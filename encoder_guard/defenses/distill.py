@@ -30,7 +30,9 @@ stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining
 ``Schedule.channels_last`` runs student and teacher in NHWC layout, as pretraining does (on a 2-core CPU in
 fp32, the fmnist-tiny student's forward and backward on 256 images took 0.36 s instead of 0.44 s, the
 teacher's forward on 128 0.033 s instead of 0.05 s). The returned student is back in the default layout,
-which is what checkpoints store.
+which is what checkpoints store. ``Schedule.precision`` (``auto``, ``fp32``, ``bf16``) runs student, head and
+teacher under bf16 autocast and every loss in fp32, as pretraining does; ``auto`` picks bf16 only where the
+hardware runs it natively, so a defense's share of the pretraining time compares like with like (README).
 
 ``Schedule.ema`` > 0 returns, instead of the last weights, their exponential moving average (weights and
 BatchNorm statistics, torch's ``AveragedModel``): on MIMIC a slower average trades clean accuracy for a
@@ -61,7 +63,7 @@ from encoder_guard.checkpointing import SaveOnInterrupt, load_state, save_state
 from encoder_guard.encoders import Encoder
 from encoder_guard.errors import CheckpointError, TrainingDivergedError
 from encoder_guard.runs import get_logger
-from encoder_guard.utils import step_generator
+from encoder_guard.utils import PRECISIONS, autocast, resolve_precision, step_generator
 from pretrain.augment import ViewConfig, augment
 
 
@@ -112,11 +114,14 @@ class Schedule:
     checkpoint_every: int = 5
     ema: float = 0.0
     channels_last: bool = True
+    precision: str = "auto"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
             raise ValueError("epochs >= 1, batch_size >= 2, lr > 0 and temperature > 0 are required")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema is a decay in [0, 1) (0: off), not {self.ema}")
 
@@ -157,6 +162,7 @@ def distill(
     if clone_space not in CLONE_SPACES:
         raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
     device = torch.device(schedule.device)
+    precision = resolve_precision(schedule.precision, device)
     layout = torch.channels_last if schedule.channels_last else torch.contiguous_format
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(schedule.seed)  # the projection head's initialisation
@@ -193,11 +199,12 @@ def distill(
     second_views = teacher_views or views
     shift, scale = 0.0, 1.0
     if weights.clone > 0 and clone_space == "standardised":  # a teacher pass only when the clone loss is on
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             chunks = (images[i : i + 512].to(device).float().div(255) for i in range(0, len(images), 512))
-            t_all = torch.cat([teacher(x.contiguous(memory_format=layout)) for x in chunks])
+            t_all = torch.cat([teacher(x.contiguous(memory_format=layout)).float() for x in chunks])
         shift, scale = t_all.mean(0), t_all.std(0).clamp_min(1e-6)  # the teacher's, on the clean images
     taught = slice(bs, None) if teacher_views is not None else slice(None)  # the views the teacher's losses see
+    log.info(f"{desc}: {schedule.epochs} epochs × {steps} steps of {bs} on {device}, {precision}")
     bar = tqdm(total=total, initial=start * steps, desc=desc, unit="step", mininterval=1.0)
     epoch = start
     try:
@@ -212,18 +219,19 @@ def distill(
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
                     v = torch.cat([augment(x, views, g_views), augment(x, second_views, g_views)])
                     v = v.contiguous(memory_format=layout)
-                    if use_maps:
-                        feats, maps = model.encoder.forward_intermediates(v, taps)
-                    else:
-                        feats, maps = model.encoder(v), []
+                    with autocast(device, precision):  # the networks in bf16 where native; every loss in fp32
+                        feats, maps = model.encoder.forward_intermediates(v, taps) if use_maps else (model.encoder(v), [])
+                        z = model.head(feats).float() if weights.ssl > 0 else None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                seen = v[taught]
+                                t_feats, t_maps = teacher.forward_intermediates(seen, taps) if use_maps else (teacher(seen), [])
+                    feats, maps = feats.float(), [m.float() for m in maps]
                     parts: dict[str, Tensor] = {}
-                    if weights.ssl > 0:
-                        z = model.head(feats)
+                    if z is not None:
                         parts["ssl"] = ntxent(z[: len(x)], z[len(x) :])
                     if teacher is not None:
-                        with torch.no_grad():
-                            seen = v[taught]
-                            t_feats, t_maps = teacher.forward_intermediates(seen, taps) if use_maps else (teacher(seen), [])
+                        t_feats, t_maps = t_feats.float(), [m.float() for m in t_maps]
                         if weights.clone > 0:
                             parts["clone"] = clone_loss((feats[taught] - shift) / scale, (t_feats - shift) / scale)
                         if use_maps:

@@ -34,7 +34,7 @@ from encoder_guard.encoders import Encoder, save_encoder, load_encoder
 from encoder_guard.mi import build_estimator
 from encoder_guard.mi.layers import layer_mutual_information, mi_weights
 from encoder_guard.runs import get_logger
-from encoder_guard.utils import seeded_choice
+from encoder_guard.utils import resolve_precision, seeded_choice
 from pretrain.augment import ViewConfig
 
 
@@ -51,7 +51,9 @@ class Distillation:
         taps: stages whose attention is distilled.
         mi: estimator settings: ``estimator`` (mine | infonce | gaussian), ``samples`` (clean images used),
             ``pool`` (cells per side each map is pooled to) and the estimator's own arguments.
-        schedule: epochs, batch_size, lr, weight_decay, temperature, checkpoint_every.
+        schedule: epochs, batch_size, lr, weight_decay, temperature, checkpoint_every, ema, channels_last and
+            precision (``auto``: bf16 where the hardware runs it natively, as pretraining; the report names
+            the one used).
         augment: view augmentation (``pretrain.augment.ViewConfig`` fields).
         teacher_augment: overrides of ``augment`` for the second view, which is then the only view the
             teacher's losses see (``None``: both views drawn from ``augment``, both taught). Strong views
@@ -140,6 +142,7 @@ class Distillation:
                           teacher_views=self.teacher_views, clone_space=self.clone_space)
         student.spec.provenance = dict(encoder.spec.provenance)
         report["history"] = history
+        report["precision"] = resolve_precision(self.schedule.precision, torch.device(self.schedule.device))
         report["wall_seconds_this_session"] = time.perf_counter() - t0
         return DefenseResult(student, report)
 
