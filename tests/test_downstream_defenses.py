@@ -247,6 +247,36 @@ def test_signature_suspects_finds_the_agreeing_relabelled_samples_and_spares_the
     assert torch.equal(signature_suspects(feats, labels, pred, 0, rounds=0), poisoned & (pred != 0))
 
 
+def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_and_spares_look_alikes():
+    """Five Gaussian classes, 1 a look-alike of the target 0 (confused both ways, 60 each). 40 images of each
+    other class are shifted by a trigger and relabelled 0; the scorer sends them back to their source except
+    class 2's, which it takes for the target (they agree with their label). Only those are traced."""
+    from encoder_guard.defenses.padft import hidden_sources
+
+    g = torch.Generator().manual_seed(0)
+    classes, per, dim, per_source = 5, 300, 16, 40
+    centers = 4 * torch.randn(classes, dim, generator=g)
+    centers[1] = centers[0] + 1.5 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    y = torch.arange(classes).repeat_interleave(per)
+    feats = centers[y] + torch.randn(len(y), dim, generator=g)
+    pred = y.clone()
+    pred[:60], pred[per : per + 60] = 1, 0
+    trigger = 3 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    sources = torch.arange(1, classes).repeat_interleave(per_source)
+    stamped = centers[sources] + torch.randn(len(sources), dim, generator=g) + trigger
+    feats, labels = torch.cat([feats, stamped]), torch.cat([y, torch.zeros_like(sources)])
+    pred = torch.cat([pred, torch.where(sources == 2, 0, sources)])
+    hidden = torch.zeros(len(labels), dtype=torch.bool)
+    hidden[len(y):] = sources == 2
+    flagged, share = spread_classes(labels, pred, classes)
+    assert flagged == [0]
+    scorer = dict(epochs=5, lr=0.01, batch_size=64, alpha=0.1, beta=1.0, seed=0)
+    agreeing = (labels == 0) & (pred == 0)
+    found, taken = hidden_sources(feats, labels, pred, classes, 0, share[0], torch.arange(len(labels)), agreeing, scorer)
+    # class 2 shows none of its 40 expected disagreements; class 1, the look-alike, shows more than expected
+    assert taken == {2: 40} and torch.equal(found, hidden)
+
+
 def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
     p, _ = poisoned
     result = PADFT(score_epochs=5, epochs=3).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
@@ -259,7 +289,7 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
     assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
     assert 0 < sel["kept"] <= 256
-    assert set(report["relabelled"]) == {"flag", "flagged_classes", "evidence", "signature_added"}
+    assert set(report["relabelled"]) == {"flag", "flagged_classes", "evidence", "signature_added", "hidden_added"}
     every = PADFT(score_epochs=5, epochs=1, drop="all").run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
     assert every.report["selection"]["kept"] <= sel["kept"] and every.report["relabelled"] is None
     one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)

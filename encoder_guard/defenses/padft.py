@@ -34,6 +34,11 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    trigger from the image is the trigger, so the agreeing poisoned samples score high and the clean
    target samples do not. Only flagged classes are searched: in an unpoisoned class the same detector
    learns the class's confusions instead and takes 18–69% of it (measured).
+   **Hidden sources** (an addition to [0], session 24). The spread test's share says how many disagreements
+   each source class owes the target's row. A source that shows far fewer has its stamped images agreeing
+   with the label, and a scorer that never saw a target-labelled sample traces them back to it
+   (:func:`hidden_sources`): on the 25-epoch encoder, 253 trousers with the patch, which the signature step
+   missed (10.7% ASR without this step, README).
 2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
    quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
    what clean data ever shows is cut at the edge.
@@ -227,6 +232,41 @@ def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, roun
     return flagged
 
 
+def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, target: int, share: float,
+                   first: Tensor, remaining: Tensor, scorer: dict[str, Any], deficit: float = 0.5,
+                   excess: float = 2.0) -> tuple[Tensor, dict[int, int]]:
+    """Mask of the ``target``-labelled samples hidden among the agreeing ones, by source class.
+
+    The spread test's ``share`` estimates the share of every source class that was relabelled to the target,
+    so a source ``k`` should show about ``share · n_k`` disagreements in the target's row. A source whose
+    stamped images the second scorer already takes for the target shows far fewer: on the 25-epoch
+    encoder, trousers with the 9×9 patch read as T-shirts, and 253 of them agreed with their label (10
+    disagreements where 342 were expected; README, "PAD-FT since session 24"). A scorer that never saw a
+    target-labelled sample (fitted on ``first``'s other classes) sends them back to their source: it named
+    trouser for 258 of the target's ``remaining`` samples, 253 of them poisoned. So for a source whose
+    deficit is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer assigns to
+    it are dropped, provided they are at most ``excess`` times the deficit; a look-alike class (shirt for
+    T-shirt) is what clean target samples go to, and never passes that bound. Returns the mask and the
+    count taken from each source.
+    """
+    n = _disagreements(y, pred, num_classes)
+    others = first[y[first] != target]
+    logits = sce_logits(feats, y, num_classes, fit=others, **scorer)
+    logits[:, target] = -float("inf")
+    source = logits.argmax(1)
+    sizes = torch.bincount(y, minlength=num_classes).float()
+    found = torch.zeros(len(y), dtype=torch.bool)
+    taken: dict[int, int] = {}
+    for k in range(num_classes):
+        expected = share * sizes[k].item()
+        missing = expected - n[target, k].item()
+        candidates = remaining & (source == k)
+        if k != target and missing >= deficit * expected > 0 and int(candidates.sum()) <= excess * missing:
+            found |= candidates
+            taken[k] = int(candidates.sum())
+    return found, taken
+
+
 def keep_lowest(scores: Tensor, y: Tensor, share: float) -> Tensor:
     """Sorted indices of the ``share`` of each class with the lowest scores."""
     kept = []
@@ -261,6 +301,8 @@ class PADFT:
             since session 23) or ``one-sided`` (:func:`one_sided_classes`, sessions 16–22).
         signature_rounds: under ``drop: relabelled``, rounds of :func:`signature_suspects` in each flagged
             class (0: off, the preset until session 22).
+        hidden_sources: under ``drop: relabelled``, also drop the flagged class's samples that
+            :func:`hidden_sources` traces to a source class with too few disagreements (since session 24).
     """
 
     level = "classifier"
@@ -271,7 +313,7 @@ class PADFT:
                  weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 0.0, mask: float = 0.2,
                  reinit: bool = False, second_pass: bool = True, drop: str = "relabelled",
                  cluster_ratio: float | None = 1.6, signature_rounds: int = 3, flag: str = "spread",
-                 lr_schedule: str = "cosine", seed: int = 0, device: str = "cpu") -> None:
+                 lr_schedule: str = "cosine", hidden_sources: bool = True, seed: int = 0, device: str = "cpu") -> None:
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {lr_schedule!r}")
         if flag not in FLAG_TESTS:
@@ -291,12 +333,14 @@ class PADFT:
         self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
         self.second_pass, self.drop, self.cluster_ratio, self.seed, self.device = second_pass, drop, cluster_ratio, seed, device
         self.signature_rounds, self.flag, self.lr_schedule = signature_rounds, flag, lr_schedule
+        self.hidden_sources = hidden_sources
 
-    def _dropped(self, feats: Tensor, y: Tensor, pred: Tensor,
-                 num_classes: int) -> tuple[Tensor, dict[str, Any] | None]:
+    def _dropped(self, feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, first: Tensor,
+                 scorer: dict[str, Any]) -> tuple[Tensor, dict[str, Any] | None]:
         """Mask of the samples the second pass removes (label ≠ ``pred``, in the flagged classes under
-        ``drop: relabelled`` with the samples carrying the trigger's signature, or in every class when none
-        is flagged) and the flag test's report."""
+        ``drop: relabelled`` with the samples carrying the trigger's signature and those traced to a hidden
+        source, or in every class when none is flagged) and the flag test's report. ``first`` is the first
+        selection, ``scorer`` the scorers' settings."""
         dropped = pred != y
         if self.drop == "all":
             return dropped, None
@@ -310,7 +354,12 @@ class PADFT:
             found = signature_suspects(feats, y, pred, c, self.signature_rounds, seed=self.seed)
             signature[c] = int((found & ~dropped).sum())  # the agreeing samples it adds
             dropped |= found
-        return dropped, {**report, "signature_added": signature}
+        hidden = {}
+        for c in flagged if self.hidden_sources else []:
+            found, hidden[c] = hidden_sources(feats, y, pred, num_classes, c, evidence[c], first,
+                                              (y == c) & ~dropped, scorer)
+            dropped |= found
+        return dropped, {**report, "signature_added": signature, "hidden_added": hidden}
 
     def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
         t0 = time.perf_counter()
@@ -328,7 +377,7 @@ class PADFT:
         first, relabelled = len(kept), None
         if self.second_pass:  # a scorer that never saw the removed samples decides on every sample
             pred = sce_logits(feats, y, clf.num_classes, fit=kept, **kw).argmax(1)
-            dropped, relabelled = self._dropped(feats, y, pred, clf.num_classes)
+            dropped, relabelled = self._dropped(feats, y, pred, clf.num_classes, kept, kw)
             kept = (~dropped & ~suspect).nonzero().flatten()
         head = clf.head
         f, yk = feats[kept], y[kept]
