@@ -345,7 +345,8 @@ class PADFT:
         if self.drop == "all":
             return dropped, None
         flagged, evidence = FLAG_TESTS[self.flag](y, pred, num_classes)
-        report = {"flag": self.flag, "flagged_classes": flagged, "evidence": evidence, "signature_added": {}}
+        report = {"flag": self.flag, "flagged_classes": flagged, "evidence": evidence, "signature_added": {},
+                  "hidden_added": {}}
         if not flagged:  # no evidence of where the poison is, so every class as before
             return dropped, report
         dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
