@@ -245,9 +245,10 @@ def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, tar
     target-labelled sample (fitted on ``first``'s other classes) sends them back to their source: it named
     trouser for 258 of the target's ``remaining`` samples, 253 of them poisoned. So for a source whose
     deficit is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer assigns to
-    it are dropped, provided they are at most ``excess`` times the deficit; a look-alike class (shirt for
-    T-shirt) is what clean target samples go to, and never passes that bound. Returns the mask and the
-    count taken from each source.
+    it are dropped, provided they are at most ``excess`` times the deficit. Clean target samples go to the
+    look-alike classes (shirt, pullover, dress for T-shirt) in numbers that bound refuses: 904 to pullover
+    against a deficit of 77. It also refuses a hidden source that is itself a look-alike (trousers for
+    dress, README). Returns the mask and the count taken from each source.
     """
     n = _disagreements(y, pred, num_classes)
     others = first[y[first] != target]
