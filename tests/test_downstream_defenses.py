@@ -277,6 +277,34 @@ def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_a
     assert taken == {2: 40} and torch.equal(found, hidden)
 
 
+def test_hidden_sources_ranks_a_look_alike_source_s_candidates_by_confidence():
+    """The target 0 sits midway between classes 1 and 3, so a scorer without the target sends its clean samples
+    to both, unsure. Class 1's 40 stamped images read as the target (hidden); its candidates are those 40 and
+    about half of the 300 clean target samples. The 40 most confident are the stamped ones."""
+    from encoder_guard.defenses.padft import hidden_sources
+
+    g = torch.Generator().manual_seed(1)
+    classes, per, dim, per_source = 5, 300, 16, 40
+    centers = 4 * torch.randn(classes, dim, generator=g)
+    centers[0] = (centers[1] + centers[3]) / 2
+    y = torch.arange(classes).repeat_interleave(per)
+    feats = centers[y] + torch.randn(len(y), dim, generator=g)
+    sources = torch.arange(1, classes).repeat_interleave(per_source)
+    trigger = 0.5 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    stamped = centers[sources] + torch.randn(len(sources), dim, generator=g) + trigger
+    feats, labels = torch.cat([feats, stamped]), torch.cat([y, torch.zeros_like(sources)])
+    pred = torch.cat([y, torch.where(sources == 1, 0, sources)])
+    hidden = torch.zeros(len(labels), dtype=torch.bool)
+    hidden[len(y):] = sources == 1
+    flagged, share = spread_classes(labels, pred, classes)
+    assert flagged == [0]
+    scorer = dict(epochs=5, lr=0.01, batch_size=64, alpha=0.1, beta=1.0, seed=0)
+    agreeing = (labels == 0) & (pred == 0)
+    found, taken = hidden_sources(feats, labels, pred, classes, 0, share[0], torch.arange(len(labels)), agreeing, scorer)
+    assert taken == {1: 40}
+    assert (found & hidden).sum() >= 36 and not found[labels != 0].any()
+
+
 def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
     p, _ = poisoned
     result = PADFT(score_epochs=5, epochs=3).run(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)

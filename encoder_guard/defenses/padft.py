@@ -38,7 +38,8 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    each source class owes the target's row. A source that shows far fewer has its stamped images agreeing
    with the label, and a scorer that never saw a target-labelled sample traces them back to it
    (:func:`hidden_sources`): on the 25-epoch encoder, 253 trousers with the patch, which the signature step
-   missed (10.7% ASR without this step, README).
+   missed (10.7% ASR without this step, README). Where clean target samples also go to that source (trousers
+   for dress), only the missing count of them is dropped, those the scorer is surest of (since session 25).
 2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
    quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
    what clean data ever shows is cut at the edge.
@@ -57,6 +58,7 @@ of its poisoned samples through step 1 and 97% ASR (README, "BadNets-style trigg
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -233,8 +235,8 @@ def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, roun
 
 
 def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, target: int, share: float,
-                   first: Tensor, remaining: Tensor, scorer: dict[str, Any], deficit: float = 0.5,
-                   excess: float = 2.0) -> tuple[Tensor, dict[int, int]]:
+                   first: Tensor, remaining: Tensor, scorer: dict[str, Any],
+                   deficit: float = 0.5) -> tuple[Tensor, dict[int, int]]:
     """Mask of the ``target``-labelled samples hidden among the agreeing ones, by source class.
 
     The spread test's ``share`` estimates the share of every source class that was relabelled to the target,
@@ -244,27 +246,30 @@ def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, tar
     disagreements where 342 were expected; README, "PAD-FT since session 24"). A scorer that never saw a
     target-labelled sample (fitted on ``first``'s other classes) sends them back to their source: it named
     trouser for 258 of the target's ``remaining`` samples, 253 of them poisoned. So for a source whose
-    deficit is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer assigns to
-    it are dropped, provided they are at most ``excess`` times the deficit. Clean target samples go to the
-    look-alike classes (shirt, pullover, dress for T-shirt) in numbers that bound refuses: 904 to pullover
-    against a deficit of 77. It also refuses a hidden source that is itself a look-alike (trousers for
-    dress, README). Returns the mask and the count taken from each source.
+    missing count is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer
+    assigns to it are candidates, and the missing count of them, most confidently assigned first, are
+    dropped. The rank matters where clean target samples also go to that source, a look-alike: for dress,
+    1,115 candidates of which 139 were trousers with the patch, and the 284 most confident held 127 of
+    them (README, "PAD-FT since session 25"); session 24 refused sources with more than twice the missing
+    count of candidates and kept all 139. Returns the mask and the count taken from each source.
     """
     n = _disagreements(y, pred, num_classes)
     others = first[y[first] != target]
     logits = sce_logits(feats, y, num_classes, fit=others, **scorer)
     logits[:, target] = -float("inf")
-    source = logits.argmax(1)
+    confidence, source = logits.log_softmax(1).max(1)
     sizes = torch.bincount(y, minlength=num_classes).float()
     found = torch.zeros(len(y), dtype=torch.bool)
     taken: dict[int, int] = {}
     for k in range(num_classes):
         expected = share * sizes[k].item()
         missing = expected - n[target, k].item()
-        candidates = remaining & (source == k)
-        if k != target and missing >= deficit * expected > 0 and int(candidates.sum()) <= excess * missing:
-            found |= candidates
-            taken[k] = int(candidates.sum())
+        if k == target or not missing >= deficit * expected > 0:
+            continue
+        candidates = (remaining & (source == k)).nonzero().flatten()
+        chosen = candidates[confidence[candidates].argsort(descending=True)[: math.ceil(missing)]]
+        found[chosen] = True
+        taken[k] = len(chosen)
     return found, taken
 
 
