@@ -235,3 +235,34 @@ def test_distill_runs_the_networks_in_the_precision_asked_and_every_loss_in_fp32
         assert history["bf16"][0][key] == pytest.approx(history["fp32"][0][key], rel=0.05), key
     with pytest.raises(ValueError, match="precision must be one of"):
         Schedule(precision="fp16")
+
+
+def test_student_noise_blends_the_students_taught_view_and_leaves_the_teachers_clean(teacher, tmp_path):
+    from encoder_guard.defenses.distill import LossWeights, Schedule, StudentNoise, distill, fresh_copy
+    from pretrain.augment import ViewConfig
+
+    images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
+    identity = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    weights = LossWeights(1.0, 1.0, 1.0, ["layer4"], [1.0])
+    for noise, noised in ((StudentNoise(alpha=0.5, p=1.0), True), (StudentNoise(alpha=0.5, p=0.0), False), (None, False)):
+        student, taught, student_inputs = fresh_copy(teacher, 0), [], []
+
+        class Spy(torch.nn.Module):
+            def forward_intermediates(self, v, taps):
+                taught.append(v.clone())
+                return teacher.forward_intermediates(v, taps)
+
+        def record(v, taps, _forward=student.forward_intermediates):
+            student_inputs.append(v.detach().clone())
+            return _forward(v, taps)
+
+        student.forward_intermediates = record
+        distill(student, Spy(), images, weights, Schedule(epochs=1, batch_size=8), ViewConfig(), tmp_path / "s.pt",
+                teacher_views=identity, student_noise=noise)
+        for t, s in zip(taught, student_inputs):
+            assert all(any(torch.allclose(x, img.float() / 255, atol=1e-6) for img in images) for x in t)  # clean
+            gap = (s[8:] - t).abs().flatten(1).amax(1)
+            assert bool((gap > 1e-3).all()) if noised else torch.equal(s[8:], t)
+            assert float(gap.max()) <= 0.5 + 1e-6  # (1 − α)·v + α·u moves a pixel by at most α
+    with pytest.raises(ValueError, match="student noise"):
+        StudentNoise(alpha=1.5)

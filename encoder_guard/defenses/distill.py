@@ -24,6 +24,10 @@ Losses on two augmented views ``v`` of each clean image (student ``s``, teacher 
 - attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions,
   the activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
 
+``student_noise`` (:class:`StudentNoise`) blends a share of the student's taught views with uniform noise while
+the teacher's stay clean, so the clone and attention losses teach the student to answer a noisy image as the
+teacher answers the clean one.
+
 The student trains in train mode (its BatchNorm statistics are learned from the clean data); the teacher
 stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining recipe.
 
@@ -126,6 +130,32 @@ class Schedule:
             raise ValueError(f"ema is a decay in [0, 1) (0: off), not {self.ema}")
 
 
+@dataclass
+class StudentNoise:
+    """Noise on the student's copy of the taught view: with probability ``p`` a sample is blended with a fresh
+    uniform-noise image, ``(1 − α)·v + α·u`` with ``α ~ U(0, alpha)``, while the teacher sees ``v``.
+
+    The clone and attention losses then ask the student to answer a noisy image as the teacher answers the
+    clean one, so the student learns to ignore low-amplitude noise patterns, and a blended-noise trigger is
+    one (an addition to MIMIC, after the augmentation defenses of Borgnia et al., ICASSP 2021,
+    https://arxiv.org/abs/2011.09527; README, "MIMIC since session 25").
+    """
+
+    alpha: float = 0.0
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1 or not 0 <= self.p <= 1:
+            raise ValueError(f"student noise alpha and p must be in [0, 1], got {self.alpha} and {self.p}")
+
+    def __call__(self, v: Tensor, g: torch.Generator) -> Tensor:
+        b = v.shape[0]
+        alpha = torch.rand(b, 1, 1, 1, generator=g, device=v.device) * self.alpha
+        alpha = alpha * (torch.rand(b, 1, 1, 1, generator=g, device=v.device) < self.p)
+        noise = torch.rand(v.shape, generator=g, device=v.device)
+        return (1 - alpha) * v + alpha * noise
+
+
 class Student(nn.Module):
     """The encoder being trained plus the projection head NT-Xent needs (dropped afterwards)."""
 
@@ -147,6 +177,7 @@ def distill(
     desc: str = "distill",
     teacher_views: ViewConfig | None = None,
     clone_space: str = "raw",
+    student_noise: StudentNoise | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` in place on ``images`` (uint8 N×C×H×W); returns per-epoch mean losses.
 
@@ -219,8 +250,12 @@ def distill(
                     x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
                     v = torch.cat([augment(x, views, g_views), augment(x, second_views, g_views)])
                     v = v.contiguous(memory_format=layout)
+                    v_s = v  # the student's input: the taught views noised where asked, the teacher's kept clean
+                    if student_noise is not None and student_noise.alpha * student_noise.p > 0 and teacher is not None:
+                        v_s = v.clone()
+                        v_s[taught] = student_noise(v[taught], g_views)
                     with autocast(device, precision):  # the networks in bf16 where native; every loss in fp32
-                        feats, maps = model.encoder.forward_intermediates(v, taps) if use_maps else (model.encoder(v), [])
+                        feats, maps = model.encoder.forward_intermediates(v_s, taps) if use_maps else (model.encoder(v_s), [])
                         z = model.head(feats).float() if weights.ssl > 0 else None
                         if teacher is not None:
                             with torch.no_grad():

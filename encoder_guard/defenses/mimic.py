@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
-from encoder_guard.defenses.distill import CLONE_SPACES, LossWeights, Schedule, distill, fresh_copy
+from encoder_guard.defenses.distill import CLONE_SPACES, LossWeights, Schedule, StudentNoise, distill, fresh_copy
 from encoder_guard.encoders import Encoder, save_encoder, load_encoder
 from encoder_guard.mi import build_estimator
 from encoder_guard.mi.layers import layer_mutual_information, mi_weights
@@ -47,6 +47,9 @@ class Distillation:
         ssl / clone / attention: loss weights.
         clone_space: ``raw`` (cosine on the features as they are) or ``standardised`` (on features z-scored
             per dimension by the teacher's statistics on the clean data; see ``distill.py``).
+        student_noise: ``alpha`` and ``p`` of ``distill.StudentNoise``: a share ``p`` of the student's taught
+            views blended with uniform noise at a weight drawn from ``U(0, alpha)``, the teacher's kept clean
+            (``alpha: 0``: off).
         stage_weights: ``mi`` (proportional to the teacher's per-stage MI, mean 1) or ``uniform``.
         taps: stages whose attention is distilled.
         mi: estimator settings: ``estimator`` (mine | infonce | gaussian), ``samples`` (clean images used),
@@ -77,6 +80,7 @@ class Distillation:
         augment: dict[str, Any] | None = None,
         teacher_augment: dict[str, Any] | None = None,
         clone_space: str = "raw",
+        student_noise: dict[str, Any] | None = None,
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
@@ -98,6 +102,7 @@ class Distillation:
         self.schedule = Schedule(**{**(schedule or {}), "seed": seed, "device": device})
         self.views = ViewConfig(**(augment or {}))
         self.clone_space = clone_space
+        self.student_noise = StudentNoise(**(student_noise or {}))
         self.teacher_views = None if teacher_augment is None else ViewConfig(**{**self.views.to_dict(), **teacher_augment})
 
     def hparams(self) -> dict[str, Any]:
@@ -106,7 +111,7 @@ class Distillation:
                 "stage_weights": self.stage_weights, "taps": self.taps, "mi": self.mi,
                 "schedule": vars(self.schedule), "augment": self.views.to_dict(),
                 "teacher_augment": None if self.teacher_views is None else self.teacher_views.to_dict(),
-                "clone_space": self.clone_space}
+                "clone_space": self.clone_space, "student_noise": vars(self.student_noise)}
 
     def stage_mi(self, teacher: Encoder, data: DefenseData) -> list[dict[str, Any]]:
         """Per-stage MI of the teacher on clean images (no augmentation)."""
@@ -139,7 +144,8 @@ class Distillation:
         needs_teacher = self.weights.clone > 0 or self.weights.attention > 0
         history = distill(student, teacher if needs_teacher else None, data.clean.images, self.weights, self.schedule,
                           self.views, out / "checkpoints" / "student.pt", resume, desc="defend",
-                          teacher_views=self.teacher_views, clone_space=self.clone_space)
+                          teacher_views=self.teacher_views, clone_space=self.clone_space,
+                          student_noise=self.student_noise)
         student.spec.provenance = dict(encoder.spec.provenance)
         report["history"] = history
         report["precision"] = resolve_precision(self.schedule.precision, torch.device(self.schedule.device))
@@ -165,9 +171,10 @@ def _register(name: str, **defaults: Any) -> None:
 # MIMIC with a half-weight clone loss on standardised features, longer, averaged, and taught on weak views only:
 # measured in the README (small crops set the teacher's backdoor off; without the clone loss the student misses
 # the kNN CA of the 25-epoch preset's encoder; at full weight the clone loss carries the trigger back; on raw
-# features it copies the teacher's dominant dimensions and misses the clean encoder's kNN no-harm line)
+# features it copies the teacher's dominant dimensions and misses the clean encoder's kNN no-harm line; without
+# noise on the student's taught views it copies the teacher's response to a blended noise trigger)
 _register("mimic", student_init="random", teacher="given", stage_weights="mi", clone=0.5, clone_space="standardised",
-          attention=1.5,
+          attention=1.5, student_noise={"alpha": 0.3, "p": 0.5},
           schedule={"epochs": 80, "batch_size": 128, "lr": 2e-3, "ema": 0.998},
           teacher_augment={"crop_scale": (0.8, 1.0), "jitter_p": 0.0})
 _register("finetune", student_init="copy", teacher="given", clone=0.0, attention=0.0)
