@@ -247,32 +247,42 @@ def test_signature_suspects_finds_the_agreeing_relabelled_samples_and_spares_the
     assert torch.equal(signature_suspects(feats, labels, pred, 0, rounds=0), poisoned & (pred != 0))
 
 
-def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_and_spares_look_alikes():
-    """Five Gaussian classes, 1 a look-alike of the target 0 (confused both ways, 60 each). 40 images of each
-    other class are shifted by a trigger and relabelled 0; the scorer sends them back to their source except
-    class 2's, which it takes for the target (they agree with their label). Only those are traced."""
+def _hidden_source_case(g: torch.Generator, centers: torch.Tensor, hidden_source: int, trigger_norm: float,
+                        confused: int = 0, per: int = 300, per_source: int = 40):
+    """Gaussian classes around ``centers`` (target 0); ``per_source`` images of every other class shifted by a
+    trigger and relabelled 0, which the scorer sends back to their source except ``hidden_source``'s (they
+    agree with their label); ``confused`` samples of classes 0 and 1 swapped in the predictions. Runs
+    :func:`hidden_sources` on it; returns its mask and counts, the truly hidden mask and the labels."""
     from encoder_guard.defenses.padft import hidden_sources
 
-    g = torch.Generator().manual_seed(0)
-    classes, per, dim, per_source = 5, 300, 16, 40
-    centers = 4 * torch.randn(classes, dim, generator=g)
-    centers[1] = centers[0] + 1.5 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    classes, dim = centers.shape
     y = torch.arange(classes).repeat_interleave(per)
     feats = centers[y] + torch.randn(len(y), dim, generator=g)
     pred = y.clone()
-    pred[:60], pred[per : per + 60] = 1, 0
-    trigger = 3 * F.normalize(torch.randn(dim, generator=g), dim=0)
+    pred[:confused], pred[per : per + confused] = 1, 0
+    trigger = trigger_norm * F.normalize(torch.randn(dim, generator=g), dim=0)
     sources = torch.arange(1, classes).repeat_interleave(per_source)
     stamped = centers[sources] + torch.randn(len(sources), dim, generator=g) + trigger
     feats, labels = torch.cat([feats, stamped]), torch.cat([y, torch.zeros_like(sources)])
-    pred = torch.cat([pred, torch.where(sources == 2, 0, sources)])
+    pred = torch.cat([pred, torch.where(sources == hidden_source, 0, sources)])
     hidden = torch.zeros(len(labels), dtype=torch.bool)
-    hidden[len(y):] = sources == 2
+    hidden[len(y):] = sources == hidden_source
     flagged, share = spread_classes(labels, pred, classes)
     assert flagged == [0]
     scorer = dict(epochs=5, lr=0.01, batch_size=64, alpha=0.1, beta=1.0, seed=0)
     agreeing = (labels == 0) & (pred == 0)
     found, taken = hidden_sources(feats, labels, pred, classes, 0, share[0], torch.arange(len(labels)), agreeing, scorer)
+    return found, taken, hidden, labels
+
+
+def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_and_spares_look_alikes():
+    """Five Gaussian classes, 1 a look-alike of the target 0 (confused both ways, 60 each). 40 images of each
+    other class are shifted by a trigger and relabelled 0; the scorer sends them back to their source except
+    class 2's, which it takes for the target (they agree with their label). Only those are traced."""
+    g = torch.Generator().manual_seed(0)
+    centers = 4 * torch.randn(5, 16, generator=g)
+    centers[1] = centers[0] + 1.5 * F.normalize(torch.randn(16, generator=g), dim=0)
+    found, taken, hidden, _ = _hidden_source_case(g, centers, hidden_source=2, trigger_norm=3, confused=60)
     # class 2 shows none of its 40 expected disagreements; class 1, the look-alike, shows more than expected
     assert taken == {2: 40} and torch.equal(found, hidden)
 
@@ -280,27 +290,12 @@ def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_a
 def test_hidden_sources_ranks_a_look_alike_source_s_candidates_by_confidence():
     """The target 0 sits midway between classes 1 and 3, so a scorer without the target sends its clean samples
     to both, unsure. Class 1's 40 stamped images read as the target (hidden); its candidates are those 40 and
-    about half of the 300 clean target samples. The 40 most confident are the stamped ones."""
-    from encoder_guard.defenses.padft import hidden_sources
-
+    about half of the 300 clean target samples (238 in all, which session 24's bound refused). The 40 most
+    confident are the stamped ones."""
     g = torch.Generator().manual_seed(1)
-    classes, per, dim, per_source = 5, 300, 16, 40
-    centers = 4 * torch.randn(classes, dim, generator=g)
+    centers = 4 * torch.randn(5, 16, generator=g)
     centers[0] = (centers[1] + centers[3]) / 2
-    y = torch.arange(classes).repeat_interleave(per)
-    feats = centers[y] + torch.randn(len(y), dim, generator=g)
-    sources = torch.arange(1, classes).repeat_interleave(per_source)
-    trigger = 0.5 * F.normalize(torch.randn(dim, generator=g), dim=0)
-    stamped = centers[sources] + torch.randn(len(sources), dim, generator=g) + trigger
-    feats, labels = torch.cat([feats, stamped]), torch.cat([y, torch.zeros_like(sources)])
-    pred = torch.cat([y, torch.where(sources == 1, 0, sources)])
-    hidden = torch.zeros(len(labels), dtype=torch.bool)
-    hidden[len(y):] = sources == 1
-    flagged, share = spread_classes(labels, pred, classes)
-    assert flagged == [0]
-    scorer = dict(epochs=5, lr=0.01, batch_size=64, alpha=0.1, beta=1.0, seed=0)
-    agreeing = (labels == 0) & (pred == 0)
-    found, taken = hidden_sources(feats, labels, pred, classes, 0, share[0], torch.arange(len(labels)), agreeing, scorer)
+    found, taken, hidden, labels = _hidden_source_case(g, centers, hidden_source=1, trigger_norm=0.5)
     assert taken == {1: 40}
     assert (found & hidden).sum() >= 36 and not found[labels != 0].any()
 
