@@ -138,11 +138,13 @@ class StudentNoise:
     The clone and attention losses then ask the student to answer a noisy image as the teacher answers the
     clean one, so the student learns to ignore low-amplitude noise patterns, and a blended-noise trigger is
     one (an addition to MIMIC, after the augmentation defenses of Borgnia et al., ICASSP 2021,
-    https://arxiv.org/abs/2011.09527; README, "MIMIC since session 25").
+    https://arxiv.org/abs/2011.09527; README, "MIMIC since session 25"). A quarter of the views closes a
+    blended-noise and a CTRL trigger's leak; half of them costs clean kNN accuracy (README, "MIMIC since
+    session 26").
     """
 
     alpha: float = 0.0
-    p: float = 0.5
+    p: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1 or not 0 <= self.p <= 1:
