@@ -8,7 +8,8 @@ A cell is ``LABEL=DEFENSE[:KEY=VALUE,KEY=VALUE...]`` (or just ``DEFENSE``). Each
 ``encoder_guard.defenses.runner.run_defense`` into ``runs/defense-<tag>/<label>`` and is evaluated under
 the protocol (Fashion-MNIST train/test, linear probe + kNN, ASR on non-target test images). Finished cells
 (their ``eval.json`` exists) are read back, not recomputed. ``--pretrain-seconds`` turns wall times into
-shares of the clean pretraining time. Writes benchmarks/results/defense_<tag>.json and .md.
+shares of the clean pretraining time. Writes benchmarks/results/defense_<tag>.json and .md; rows of earlier
+runs with the same tag and attack that this run does not name are kept, so running one more cell adds a row.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 from downstream import EvalConfig, evaluate_encoder  # noqa: E402
 from encoder_guard.config import load_config  # noqa: E402
@@ -30,6 +31,13 @@ from encoder_guard.encoders import load_encoder  # noqa: E402
 from encoder_guard.triggers import load_trigger  # noqa: E402
 
 KEYS = ("ca_linear", "ca_knn", "asr_linear", "asr_knn")
+
+
+def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """Earlier rows in their order, each replaced by this run's row of the same cell; this run's new cells last."""
+    fresh = {r["cell"]: r for r in rows}
+    merged = [fresh.pop(r["cell"], r) for r in earlier]
+    return merged + [r for r in rows if r["cell"] in fresh]
 
 
 def parse_cell(text: str) -> tuple[str, str, list[str]]:
@@ -91,6 +99,16 @@ def main() -> None:
                                         "clean_images": report["data"]["images"]}))
         rows.append({"cell": label, "defense": name, "overrides": args.set + sets, **json.loads(done.read_text())})
         print(rows[-1], flush=True)
+    previous = RESULTS / f"defense_{args.tag}.json"
+    if previous.exists():
+        earlier = json.loads(previous.read_text())
+        if earlier.get("attack") == str(attack):
+            kept = [r["cell"] for r in earlier["rows"] if r["cell"] not in {r["cell"] for r in rows}]
+            if kept:
+                print(f"kept {len(kept)} earlier row(s) of {previous.name} not named here: {', '.join(kept)}")
+            rows = merge_rows(earlier["rows"], rows)
+        else:
+            print(f"{previous.name} was written for {earlier.get('attack')}, not {attack}: replacing it")
     lines = [f"## Defenses on {attack} (target {target}, {trigger!r})", "",
              "| cell | defense | overrides | CA linear | CA kNN | ASR linear | ASR kNN | wall time | share of pretraining |",
              "|---|---|---|---|---|---|---|---|---|"]
