@@ -9,7 +9,7 @@ then 3,000 clean training images outside the target class are augmented with eac
 preset augmentation, overridden key by key) and the share of views the probe puts in the target class is
 reported (mean of 4 draws). A backdoored encoder that sends more views to its target than the clean
 encoder does is being triggered by the augmentation itself, and a student distilled on those views
-learns that response (README, "MIMIC's teacher views").
+learns that response (benchmarks/RESULTS.md, "MIMIC's teacher views").
 Writes benchmarks/results/view_response.json and .md.
 """
 

@@ -22,7 +22,9 @@ from typing import Any
 from encoder_guard.runs import RunDir
 
 DEMO_EPOCHS = 6  # at most; fewer where a step is slow (demo_epochs)
-MIN_EPOCHS = 2  # below this the encoder is too weak for BadEncoder's table to mean much (README: 2 epochs, 87.3% / 82.8%)
+# below this the encoder is too weak for BadEncoder's table to mean much (benchmarks/RESULTS.md: 2 epochs,
+# 87.3% / 82.8%)
+MIN_EPOCHS = 2
 PRETRAIN_BUDGET_S = 330.0  # the pretraining stage's share of the demo's ~15 minutes
 DEMO_ATTACK: list[str] = []  # the badencoder-fmnist preset as it is
 # the two kinds of defense, kept to what fits the demo's ~15 minutes: MIMIC (minutes a cell), Purifier+ and

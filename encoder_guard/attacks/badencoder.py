@@ -117,7 +117,7 @@ class BadEncoder:
         refs = data.references.to(self.device)
         n = len(data.shadow)
         # shadow images are not augmented and BatchNorm is frozen, so the frozen encoder's features are
-        # fixed: computed once here instead of in every step (0.84 → 0.72 s a step on a 2-core CPU, README)
+        # fixed: computed once here instead of in every step (0.84 → 0.72 s a step on a 2-core CPU, benchmarks/RESULTS.md)
         with torch.no_grad():
             ref_clean = teacher(refs)
             shadow_clean = torch.cat([teacher(b.to(self.device).float().div_(255))

@@ -14,7 +14,7 @@ function). λ rises by dual ascent while the mean clean loss exceeds ε. A recov
 clean-loss descent from the far point follows (``recover_steps``, 600; norms still fixed): it settles the
 rotated weights back onto the clean task without pulling them toward W⁰ (the relative distance stays where
 the first phase left it). Under BadNets poisoning 600 steps cost less CA than 200 at the same ASR, and take
-BadNets' 3×3 patch under 2% where 200 do not (README, "BadNets-style triggers"); under a backdoored
+BadNets' 3×3 patch under 2% where 200 do not (benchmarks/RESULTS.md, "BadNets-style triggers"); under a backdoored
 encoder, a shorter recovery leaves a lower ASR only by leaving the classifier unrecovered. Labels of a
 small clean set (5% by default) are what it needs; nothing about the trigger.
 

@@ -20,7 +20,7 @@ Losses on two augmented views ``v`` of each clean image (student ``s``, teacher 
   (unaugmented, computed once). On raw features the cosine is dominated by the teacher's few
   high-variance dimensions and the mean they share; the student matched them (cos 0.945) but came out
   with a lower effective rank than its teacher (37.5 against 55.8), which kNN feels more than a linear
-  probe does. Standardising makes every teacher dimension count (README, "MIMIC since session 22");
+  probe does. Standardising makes every teacher dimension count (benchmarks/RESULTS.md, "MIMIC since session 22");
 - attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions,
   the activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
 
@@ -36,11 +36,11 @@ fp32, the fmnist-tiny student's forward and backward on 256 images took 0.36 s i
 teacher's forward on 128 0.033 s instead of 0.05 s). The returned student is back in the default layout,
 which is what checkpoints store. ``Schedule.precision`` (``auto``, ``fp32``, ``bf16``) runs student, head and
 teacher under bf16 autocast and every loss in fp32, as pretraining does; ``auto`` picks bf16 only where the
-hardware runs it natively, so a defense's share of the pretraining time compares like with like (README).
+hardware runs it natively, so a defense's share of the pretraining time compares like with like (benchmarks/RESULTS.md).
 
 ``Schedule.ema`` > 0 returns, instead of the last weights, their exponential moving average (weights and
 BatchNorm statistics, torch's ``AveragedModel``): on MIMIC a slower average trades clean accuracy for a
-lower trigger response: the more early weights the average holds, the lower the ASR (README).
+lower trigger response: the more early weights the average holds, the lower the ASR (benchmarks/RESULTS.md).
 
 - [0] Mutual Information Guided Backdoor Mitigation for Pre-Trained Encoders, Han et al., IEEE TIFS 2025
 - [1] Neural Attention Distillation, Li et al., ICLR 2021, https://arxiv.org/abs/2101.05930
@@ -138,8 +138,8 @@ class StudentNoise:
     The clone and attention losses then ask the student to answer a noisy image as the teacher answers the
     clean one, so the student learns to ignore low-amplitude noise patterns, and a blended-noise trigger is
     one (an addition to MIMIC, after the augmentation defenses of Borgnia et al., ICASSP 2021,
-    https://arxiv.org/abs/2011.09527; README, "MIMIC since session 25"). A quarter of the views closes a
-    blended-noise and a CTRL trigger's leak; half of them costs clean kNN accuracy (README, "MIMIC since
+    https://arxiv.org/abs/2011.09527; benchmarks/RESULTS.md, "MIMIC since session 25"). A quarter of the views closes a
+    blended-noise and a CTRL trigger's leak; half of them costs clean kNN accuracy (benchmarks/RESULTS.md, "MIMIC since
     session 26").
     """
 

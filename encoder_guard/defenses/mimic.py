@@ -12,7 +12,7 @@ Clean data can exercise it through augmentation, though: on the BadEncoder ``fmn
 clean probe puts 6.7% of strongly augmented clean views (crops down to 20% of the image) in the target
 class, against 4.6% on the clean encoder, and 2.9% against 2.5% for crops of at least 80% without
 jitter. The preset therefore draws the second view weakly (``teacher_augment``) and lets the teacher
-teach on it alone, while NT-Xent still pairs it with a strong first view (README, "MIMIC's teacher views").
+teach on it alone, while NT-Xent still pairs it with a strong first view (benchmarks/RESULTS.md, "MIMIC's teacher views").
 
 One class, ``Distillation``, covers MIMIC and the three baselines (see ``distill.py``); the registry
 maps each name to its defaults, and configs/defend/<name>.yaml exposes them all.
@@ -169,7 +169,7 @@ def _register(name: str, **defaults: Any) -> None:
 
 
 # MIMIC with a half-weight clone loss on standardised features, longer, averaged, and taught on weak views only:
-# measured in the README (small crops set the teacher's backdoor off; without the clone loss the student misses
+# measured in benchmarks/RESULTS.md (small crops set the teacher's backdoor off; without the clone loss the student misses
 # the kNN CA of the 25-epoch preset's encoder; at full weight the clone loss carries the trigger back; on raw
 # features it copies the teacher's dominant dimensions and misses the clean encoder's kNN no-harm line; without
 # noise on a quarter of the student's taught views it copies the teacher's response to a blended noise trigger and

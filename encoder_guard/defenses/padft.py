@@ -21,13 +21,13 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    concentrate on a few look-alike classes; relabelled ones come from every other class. So only the
    classes whose disagreements spread over most other classes (:func:`spread_classes`: the attack's
    target) lose their disagreed-with samples, and every other sample is kept (dropping the hard clean
-   samples of every class cost 4–5 points of CA, README). When no class is flagged every class loses
+   samples of every class cost 4–5 points of CA, benchmarks/RESULTS.md). When no class is flagged every class loses
    them, as before. (Sessions 16–22 flagged one-sided confusions instead, :func:`one_sided_classes`,
    which missed pullover, dress and shirt: each is confused both ways with several classes.)
    **Trigger signature** (an addition to [0]). Some relabelled samples agree with their label even under
    that scorer, because the trigger already pushes their features toward the target on a clean encoder;
    at coat and bag 186 and 74 of 3,000 were enough for a fresh head to learn it (9.8% and 8.7% ASR,
-   README). Their disagreeing siblings show what they share: in a flagged class, a linear detector learns the
+   benchmarks/RESULTS.md). Their disagreeing siblings show what they share: in a flagged class, a linear detector learns the
    disagreeing samples (source image + trigger) against clean samples of the classes they are predicted
    as (source image alone) and the class's agreeing samples; whatever it scores above 1/2 joins the
    disagreeing ones, and it is refitted (``signature_rounds``). What separates an image stamped with the
@@ -38,7 +38,7 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    each source class owes the target's row. A source that shows far fewer has its stamped images agreeing
    with the label, and a scorer that never saw a target-labelled sample traces them back to it
    (:func:`hidden_sources`): on the 25-epoch encoder, 253 trousers with the patch, which the signature step
-   missed (10.7% ASR without this step, README). Where clean target samples also go to that source (trousers
+   missed (10.7% ASR without this step, benchmarks/RESULTS.md). Where clean target samples also go to that source (trousers
    for dress), only the missing count of them is dropped, those the scorer is surest of (since session 25).
 2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
    quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
@@ -46,13 +46,13 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
 3. **Last-layer fine-tuning** on the kept samples, with the clamp in place: CE plus a consistency term
    (KL between predictions on a feature and on the same feature under dropout-like masking), which
    keeps the new head from leaning on a few dimensions; its weight is 0 in the preset, because at 1 it
-   cost 1.25 points of CA even with every poisoned sample removed (README). Weight decay shrinks what
+   cost 1.25 points of CA even with every poisoned sample removed (benchmarks/RESULTS.md). Weight decay shrinks what
    the kept data does not support — the directions the poisoned samples alone had asked for.
 
 The report gives the selection's precision and recall when the experiment knows the poisoned indices.
 
 Without the cluster guard (``cluster_ratio: null``, PAD-FT as published), a Blended noise trigger keeps 89–94%
-of its poisoned samples through step 1 and 97% ASR (README, "BadNets-style triggers").
+of its poisoned samples through step 1 and 97% ASR (benchmarks/RESULTS.md, "BadNets-style triggers").
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def spread_classes(y: Tensor, pred: Tensor, num_classes: int, floor: float = 0.0
     other class contributes little. A class is flagged when its median share ``n[c, k] / n_k`` over the
     other classes is at least ``floor`` and ``ratio`` times the median class's (the second bound keeps a
     weak encoder, whose classes all spread, from flagging everything). Measured on Fashion-MNIST at 5%
-    BadNets poisoning with the 9×9 square (README, "PAD-FT since session 23"): 0.0–0.9% for the classes
+    BadNets poisoning with the 9×9 square (benchmarks/RESULTS.md, "PAD-FT since session 23"): 0.0–0.9% for the classes
     without poison, 5.6–6.6% for the target, whichever of the ten it is. Returns the flagged classes and
     every class's median share.
     """
@@ -182,7 +182,7 @@ def one_sided_classes(y: Tensor, pred: Tensor, num_classes: int, ratio: float = 
     Natural confusions go both ways (shirt ↔ T-shirt, sneaker ↔ sandal), relabelling goes one way. A cell
     is *one-sided* when ``n[c, k] > ratio · n[k, c] + floor · n_c``; a class is flagged when at least half
     of the other classes' cells in its row are. It misses a target that is confusable both ways with
-    several classes (pullover, dress, shirt) and flags bag beside some targets (README); kept for
+    several classes (pullover, dress, shirt) and flags bag beside some targets (benchmarks/RESULTS.md); kept for
     comparison. Returns the flagged classes and each row's count of one-sided cells.
     """
     n = _disagreements(y, pred, num_classes)
@@ -243,14 +243,14 @@ def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, tar
     so a source ``k`` should show about ``share · n_k`` disagreements in the target's row. A source whose
     stamped images the second scorer already takes for the target shows far fewer: on the 25-epoch
     encoder, trousers with the 9×9 patch read as T-shirts, and 253 of them agreed with their label (10
-    disagreements where 342 were expected; README, "PAD-FT since session 24"). A scorer that never saw a
+    disagreements where 342 were expected; benchmarks/RESULTS.md, "PAD-FT since session 24"). A scorer that never saw a
     target-labelled sample (fitted on ``first``'s other classes) sends them back to their source: it named
     trouser for 258 of the target's ``remaining`` samples, 253 of them poisoned. So for a source whose
     missing count is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer
     assigns to it are candidates, and the missing count of them, most confidently assigned first, are
     dropped. The rank matters where clean target samples also go to that source, a look-alike: for dress,
     1,115 candidates of which 139 were trousers with the patch, and the 284 most confident held 127 of
-    them (README, "PAD-FT since session 25"); session 24 refused sources with more than twice the missing
+    them (benchmarks/RESULTS.md, "PAD-FT since session 25"); session 24 refused sources with more than twice the missing
     count of candidates and kept all 139. Returns the mask and the count taken from each source.
     """
     n = _disagreements(y, pred, num_classes)

@@ -26,13 +26,13 @@ weak corner-patch backdoor's inputs through), is compared with the 0.99 quantile
 calibrated out of sample, and only inputs above it are aligned, at every tap: an input caught at a later
 tap is run again aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar the ~1% the gate takes
 at each tap. Because only caught inputs are aligned, their range can be tight at little cost to clean
-accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, README "Purifier").
+accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, benchmarks/RESULTS.md "Purifier").
 
 The preset scores inputs at ``layer3`` and ``layer4`` alone (``gate_taps``); the stem, layer1 and layer2
 align only what those flag, on the second pass. Every trigger measured (a corner square, a blended noise
 pattern, a random patch) shows at one of the two deep taps, whose maps are small; scoring the stem and
 layer1 as well cost more than the rest of the plug-ins together, and with their false alarms 3.5% of
-every batch of clean inputs ran a second pass (README "Purifier since session 20").
+every batch of clean inputs ran a second pass (benchmarks/RESULTS.md "Purifier since session 20").
 
 **Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
 importance, boost the important, suppress the unimportant"; ours:

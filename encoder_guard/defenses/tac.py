@@ -25,7 +25,7 @@ predictions; the shift is re-solved every ``resolve_every`` epochs as the head c
 
 This acts on the linear head's input: it sees a backdoor that the head itself carries (a probe trained
 on a poisoned set). A backdoored *encoder* under a clean probe moves triggered features onto the target
-class's region rather than by a shared shift, and the measurements in the README show what that means
+class's region rather than by a shared shift, and the measurements in benchmarks/RESULTS.md show what that means
 for detection.
 """
 

@@ -122,7 +122,7 @@ def fit_minibatches(params: list[nn.Parameter], n: int, batch_loss: Callable[[Te
     ``batch_loss(idx)`` is the loss of samples ``idx``; ``before_epoch(epoch)`` runs at the start of every
     epoch, ``after_step()`` after every optimiser step (e.g. a projection). ``cosine`` anneals the rate to 0
     over the run: at a constant rate the last step decides where a head puts the boundary between
-    look-alike classes, and PAD-FT's CA moved by 1.2 points with the batch order alone (README, "PAD-FT
+    look-alike classes, and PAD-FT's CA moved by 1.2 points with the batch order alone (benchmarks/RESULTS.md, "PAD-FT
     since session 23"). A NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
