@@ -103,7 +103,8 @@ def main() -> None:
     if previous.exists():
         earlier = json.loads(previous.read_text())
         if earlier.get("attack") == str(attack):
-            kept = [r["cell"] for r in earlier["rows"] if r["cell"] not in {r["cell"] for r in rows}]
+            named = {r["cell"] for r in rows}
+            kept = [r["cell"] for r in earlier["rows"] if r["cell"] not in named]
             if kept:
                 print(f"kept {len(kept)} earlier row(s) of {previous.name} not named here: {', '.join(kept)}")
             rows = merge_rows(earlier["rows"], rows)
