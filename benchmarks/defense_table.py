@@ -33,11 +33,13 @@ from encoder_guard.triggers import load_trigger  # noqa: E402
 KEYS = ("ca_linear", "ca_knn", "asr_linear", "asr_knn")
 
 
-def merge_rows(earlier: list[dict], rows: list[dict]) -> list[dict]:
-    """Earlier rows in their order, each replaced by this run's row of the same cell; this run's new cells last."""
+def merge_rows(earlier: list[dict], rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Earlier rows in their order, each replaced by this run's row of the same cell, this run's new cells
+    last; and the cells kept from earlier that this run did not name."""
     fresh = {r["cell"]: r for r in rows}
+    kept = [r["cell"] for r in earlier if r["cell"] not in fresh]
     merged = [fresh.pop(r["cell"], r) for r in earlier]
-    return merged + [r for r in rows if r["cell"] in fresh]
+    return merged + [r for r in rows if r["cell"] in fresh], kept
 
 
 def parse_cell(text: str) -> tuple[str, str, list[str]]:
@@ -103,11 +105,9 @@ def main() -> None:
     if previous.exists():
         earlier = json.loads(previous.read_text())
         if earlier.get("attack") == str(attack):
-            named = {r["cell"] for r in rows}
-            kept = [r["cell"] for r in earlier["rows"] if r["cell"] not in named]
+            rows, kept = merge_rows(earlier["rows"], rows)
             if kept:
                 print(f"kept {len(kept)} earlier row(s) of {previous.name} not named here: {', '.join(kept)}")
-            rows = merge_rows(earlier["rows"], rows)
         else:
             print(f"{previous.name} was written for {earlier.get('attack')}, not {attack}: replacing it")
     lines = [f"## Defenses on {attack} (target {target}, {trigger!r})", "",
