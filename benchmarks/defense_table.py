@@ -1,4 +1,4 @@
-"""Defenses side by side on one backdoored encoder: CA, ASR (linear, kNN) and wall time per cell.
+"""Defenses side by side on one backdoored encoder: CA, ASR, RA (linear, kNN) and wall time per cell.
 
 Usage:
   python benchmarks/defense_table.py --attack runs/badencoder --clean runs/clean/encoder.safetensors \
@@ -6,7 +6,9 @@ Usage:
 
 A cell is ``LABEL=DEFENSE[:KEY=VALUE,KEY=VALUE...]`` (or just ``DEFENSE``). Each runs with
 ``encoder_guard.defenses.runner.run_defense`` into ``runs/defense-<tag>/<label>`` and is evaluated under
-the protocol (Fashion-MNIST train/test, linear probe + kNN, ASR on non-target test images). Finished cells
+the protocol (Fashion-MNIST train/test, linear probe + kNN, ASR on non-target test images; RA, the robust
+accuracy, is the share of those triggered images still given their true class: a defense can cut ASR by
+leaving them unrecognisable). Finished cells
 (their ``eval.json`` exists) are read back, not recomputed. ``--pretrain-seconds`` turns wall times into
 shares of the clean pretraining time. Writes benchmarks/results/defense_<tag>.json and .md; rows of earlier
 runs with the same tag and attack that this run does not name are kept, so running one more cell adds a row.
@@ -31,6 +33,7 @@ from encoder_guard.encoders import load_encoder  # noqa: E402
 from encoder_guard.triggers import load_trigger  # noqa: E402
 
 KEYS = ("ca_linear", "ca_knn", "asr_linear", "asr_knn")
+RA_KEYS = ("ra_linear", "ra_knn")  # since session 28; cells evaluated before have none
 
 
 def merge_rows(earlier: list[dict], rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -51,7 +54,7 @@ def parse_cell(text: str) -> tuple[str, str, list[str]]:
 def evaluate(path: Path, trigger, target: int, train, test, device: str = "cpu") -> dict:
     m = evaluate_encoder(load_encoder(path), train, test, EvalConfig(cache=False, device=device), trigger=trigger,
                          trigger_key=trigger.key(), target=target)
-    return {k: m[k] for k in KEYS}
+    return {k: m[k] for k in KEYS + RA_KEYS}
 
 
 def main() -> None:
@@ -111,13 +114,13 @@ def main() -> None:
         else:
             print(f"{previous.name} was written for {earlier.get('attack')}, not {attack}: replacing it")
     lines = [f"## Defenses on {attack} (target {target}, {trigger!r})", "",
-             "| cell | defense | overrides | CA linear | CA kNN | ASR linear | ASR kNN | wall time | share of pretraining |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| cell | defense | overrides | CA linear | CA kNN | ASR linear | ASR kNN | RA linear | RA kNN | wall time "
+             "| share of pretraining |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") else "-"
         share = f"{r['wall_seconds'] / args.pretrain_seconds:.1%}" if r.get("wall_seconds") and args.pretrain_seconds else "-"
         lines.append(f"| {r['cell']} | {r['defense']} | {' '.join(r['overrides']) or '-'} | "
-                     + " | ".join(f"{r[k]:.1%}" for k in KEYS) + f" | {wall} | {share} |")
+                     + " | ".join(f"{r[k]:.1%}" if k in r else "-" for k in KEYS + RA_KEYS) + f" | {wall} | {share} |")
     write_result(f"defense_{args.tag}", {"attack": str(attack), "target": target, "trigger": repr(trigger),
                                          "pretrain_seconds": args.pretrain_seconds, "rows": rows}, lines)
 

@@ -244,6 +244,55 @@ def test_with_gate_taps_only_those_score_and_a_caught_row_is_aligned_at_every_ta
         ActivationAlignment("feature", 2, 2, detect=False)  # ungated: aligns every input, nothing to follow
 
 
+@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
+def test_local_alignment_sets_only_the_anomalous_positions_to_the_middle_of_their_range(granularity):
+    torch.manual_seed(0)
+    plug = ActivationAlignment(granularity, channels=3, size=4, local=True)
+    x = torch.rand(2, 3, 4, 4) * 0.5 + 0.25  # within [0, 1] everywhere
+    assert torch.equal(plug(x), x)  # unfitted: no position is anomalous
+    plug.lo.fill_(0.0)
+    plug.hi.fill_(1.0 if granularity != "cube" else 2.0)
+    plug.spot.fill_(0.5)
+    x[0, :, 1, 2] = 9.0  # one raised position in the first sample
+    y = plug(x)
+    spots = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    spots[0, 0, 1, 2] = True
+    assert torch.equal(plug.position_excess(x) > plug.spot, spots[:, 0])
+    assert torch.equal(torch.where(spots, x, y), x)  # every other position keeps its activation
+    if granularity == "cube":  # the channel vector rescaled to the middle norm, its direction kept
+        assert torch.allclose(y[0, :, 1, 2].norm(), torch.tensor(1.0))
+    else:
+        assert torch.allclose(y[0, :, 1, 2], torch.full((3,), 0.5))
+
+
+def test_local_taps_replace_a_caught_inputs_anomalous_positions_and_round_trip(encoder, data, tmp_path):
+    taps = ["stem", "layer4"]
+    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"], local_taps=["stem"], local_quantile=0.9).run(
+        encoder, data, tmp_path)
+    purified, stem = result.encoder, result.report["layers"]["stem"]
+    plug = purified.plugins["stem"]
+    assert plug.local and not purified.plugins["layer4"].local
+    assert 0.05 <= stem["clean_positions_replaced"] <= 0.15  # out of sample, at the clean positions' 0.9 quantile
+    x = data.clean.float_images()[:64].clone()
+    x[::3, :, 4:9, 4:9] = 1.0
+    with torch.no_grad():
+        _, (raw,) = encoder.forward_intermediates(x, ["stem"])
+        _, (seen,) = purified.forward_intermediates(x, ["stem"])  # caught at layer4, aligned from the stem
+        out = purified(x)
+        back = load_encoder(save_encoder(purified, tmp_path / "l.safetensors")).eval()
+        assert torch.allclose(back(x), out, atol=1e-6)
+    spots = (plug.position_excess(raw) > plug.spot).unsqueeze(1)
+    changed = (seen != raw).any(1, keepdim=True)
+    assert changed.any() and not (changed & ~spots).any()  # caught inputs changed at anomalous positions only
+    assert changed.flatten(1).float().mean(1).max() < 0.5  # the rest of their maps kept
+    assert back.spec.plugins["stem"]["local"] is True and "local" not in back.spec.plugins["layer4"]
+    assert float(back.plugins["stem"].spot) == float(plug.spot)
+    with pytest.raises(ValueError, match="local_taps"):
+        Purifier(taps=taps, local_taps=["layer9"])
+    with pytest.raises(ValueError, match="local_quantile"):
+        Purifier(taps=taps, local_quantile=1.0)
+
+
 def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
     from encoder_guard.defenses.purifier import _scale
 

@@ -34,6 +34,15 @@ pattern, a random patch) shows at one of the two deep taps, whose maps are small
 layer1 as well cost more than the rest of the plug-ins together, and with their false alarms 3.5% of
 every batch of clean inputs ran a second pass (benchmarks/RESULTS.md "Purifier since session 20").
 
+A caught input is clamped into the tight ranges at the deep taps only. At the early taps (``local_taps``:
+the stem, layer1 and layer2 in the presets) only its anomalous positions are replaced, by the middle of
+their units' range; the rest of the map keeps its activations. Clamping the whole map at every tap
+left little of a caught image: on a BadEncoder with a 9×9 random patch, its triggered inputs came out
+as the target class (14% / 19% ASR), because the clamped representation of *any* image fell into that
+class on that encoder. A patch raises the positions it covers in the early, large maps, and replacing those
+alone keeps the image around it. A global trigger (a blend, CTRL) raises every position a little, and
+the deep taps' clamp is what removes it (benchmarks/RESULTS.md, "Purifier's local alignment").
+
 **Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
 importance, boost the important, suppress the unimportant"; ours:
 
@@ -61,7 +70,7 @@ from torch import Tensor
 from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
 from encoder_guard.encoders import Encoder
 from encoder_guard.encoders.encoder import TAP_NAMES
-from encoder_guard.encoders.plugins import SCORES, ActivationAlignment, unit_shape
+from encoder_guard.encoders.plugins import SCORES, ActivationAlignment, position_excess, unit_shape
 
 
 def _stage_outputs(encoder: Encoder, images: Tensor, tap: str, batch_size: int, grad: bool = False):
@@ -82,6 +91,12 @@ def _ranges(values: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     hi = s.gather(0, (q * n).round().long().unsqueeze(0)).squeeze(0)
     lo = s.gather(0, ((1 - q) * n).round().long().unsqueeze(0)).squeeze(0)
     return lo, hi
+
+
+def _quantile(values: Tensor, q: float) -> float:
+    """The ``q`` quantile (nearest rank) of a 1-D tensor of any length (``torch.quantile`` stops at 2^24)."""
+    k = min(len(values), max(1, int(round(q * (len(values) - 1))) + 1))
+    return float(values.kthvalue(k).values)
 
 
 def _scale(values: Tensor, floor: float = 0.1) -> Tensor:
@@ -109,6 +124,11 @@ class Purifier:
         gate_score: how a gate scores an input's excess over ``hi`` (``ActivationAlignment``): ``peak``, the
             largest over the map's positions of the channels' mean (a patch trigger raises a few positions),
             or ``mean``, over the whole map (up to session 20).
+        local_taps: taps whose plug-in aligns only the anomalous positions of an input it aligns (those whose
+            channels' mean scaled excess over ``hi`` tops the ``local_quantile`` of clean positions'), setting
+            them to the middle of the range and leaving the rest of the map as it is (``ActivationAlignment``'s
+            ``local``); names not among ``taps`` are ignored.
+        local_quantile: the quantile of clean positions' excess above which a local tap replaces a position.
         gate_taps: with a gate, the taps whose gate scores inputs (``None``: every tap; names not among
             ``taps`` are ignored, but one must be). The other taps align only what these flag, on a second
             pass from the first tap (``ActivationAlignment(detect=False)``).
@@ -128,6 +148,8 @@ class Purifier:
         gate: float | None = 0.99,
         gate_taps: Sequence[str] | None = None,
         gate_score: str = "peak",
+        local_taps: Sequence[str] | None = None,
+        local_quantile: float = 0.95,
         plus: bool = False,
         suppress: float = 0.0,
         suppress_gain: float = 0.0,
@@ -158,6 +180,13 @@ class Purifier:
             if unknown or not self.gate_taps:
                 raise ValueError(f"gate_taps {list(gate_taps)} must name some of the taps {list(taps)} (or be null: every "
                                  f"tap scores)" + (f"; unknown taps: {', '.join(unknown)}" if unknown else ""))
+        unknown = [t for t in local_taps or () if t not in TAP_NAMES]
+        if unknown:
+            raise ValueError(f"local_taps: unknown taps {', '.join(unknown)}; taps are {', '.join(TAP_NAMES)}")
+        if not 0 < local_quantile < 1:
+            raise ValueError(f"local_quantile must be in (0, 1), got {local_quantile}")
+        self.local_taps = [t for t in self.taps if t in (local_taps or ())]
+        self.local_quantile = local_quantile
         self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
         self.seed, self.device = seed, device
 
@@ -181,23 +210,33 @@ class Purifier:
         plugin.hi.copy_(hi.view_as(plugin.hi))
         clipped = ((values < lo) | (values > hi)).float().mean().item()
         stats = {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
-        if plugin.gated and not plugin.detect:
+        scores = plugin.gated and plugin.detect
+        if plugin.gated and not scores:
             stats.update(gate=None, detects=False)
-        elif plugin.gated:
-            per_image = values.view(len(images), -1, values.shape[1])  # channel-wise: one row per position
-            halves = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).chunk(2)
-            excess = torch.empty(len(images))
-            for fit, scored in (halves, halves[::-1]):
-                part = per_image[fit].flatten(0, 1)
-                plugin.hi.copy_(_ranges(part, q)[1].view_as(plugin.hi))
-                plugin.scale.copy_(_scale(part).view_as(plugin.scale))
-                rows = per_image[scored].flatten(0, 1).view(-1, *plugin.hi.shape[1:])
+        if not (scores or plugin.local):
+            return stats
+        per_image = values.view(len(images), -1, values.shape[1])  # channel-wise: one row per position
+        halves = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).chunk(2)
+        excess, spots = torch.empty(len(images)), []
+        for fit, scored in (halves, halves[::-1]):
+            part = per_image[fit].flatten(0, 1)
+            plugin.hi.copy_(_ranges(part, q)[1].view_as(plugin.hi))
+            plugin.scale.copy_(_scale(part).view_as(plugin.scale))
+            rows = per_image[scored].flatten(0, 1).view(-1, *plugin.hi.shape[1:])
+            if scores:
                 per_row = plugin.excess(rows).view(len(scored), -1)  # channel-wise: a row per position
                 excess[scored] = per_row.amax(1) if plugin.score == "peak" else per_row.mean(1)
-            plugin.hi.copy_(hi.view_as(plugin.hi))
-            plugin.scale.copy_(_scale(values).view_as(plugin.scale))
+            if plugin.local:
+                spots.append(position_excess(rows, plugin.hi, plugin.scale).flatten())
+        plugin.hi.copy_(hi.view_as(plugin.hi))
+        plugin.scale.copy_(_scale(values).view_as(plugin.scale))
+        if scores:
             plugin.gate.fill_(torch.quantile(excess, self.gate).item())
             stats.update(gate=plugin.gate.item(), clean_inputs_aligned=(excess > plugin.gate).float().mean().item())
+        if plugin.local:
+            spots = torch.cat(spots)
+            plugin.spot.fill_(_quantile(spots, self.local_quantile))
+            stats.update(spot=plugin.spot.item(), clean_positions_replaced=(spots > plugin.spot).float().mean().item())
         return stats
 
     def _importance(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> Tensor:
@@ -243,7 +282,7 @@ class Purifier:
             gated = self.gate is not None
             detect = not gated or self.gate_taps is None or tap in self.gate_taps
             plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=gated, detect=detect,
-                                         score=self.gate_score)
+                                         score=self.gate_score, local=tap in self.local_taps)
             enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
             t_tap = time.perf_counter()
             rating = self._importance(enc, images, tap, plugin) if self.plus else None
