@@ -199,8 +199,8 @@ class Purifier:
         """Clean ranges per unit: the ``[1 − q, q]`` quantiles, with ``q`` from ``quantile_low`` (rank 0, least
         important) to ``quantile`` (rank 1) when an importance ``rank`` is given, else ``quantile`` for all.
 
-        A gated plug-in's threshold is calibrated out of sample: each half of the images is scored against
-        ranges fitted on the other half. Scored against ranges they helped fit, the clean images' own excess
+        A gated plug-in's threshold, and a local one's ``spot``, are calibrated out of sample: each half of the
+        images is scored against ranges fitted on the other half. Scored against ranges they helped fit, the clean images' own excess
         is too low, and the gate took 2-4x its nominal share of new clean inputs at the stem and layer1.
         """
         values = torch.cat([_units(plugin, m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])

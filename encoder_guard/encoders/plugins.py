@@ -39,8 +39,8 @@ channels' mean excess over ``hi`` (the peak score's per-position value) tops ``s
 clean positions' own, are set to the middle of their units' range, ``(lo + hi) / 2``; every other
 position keeps its activation. Clamping the whole map of a caught input into tight ranges leaves little
 of the image: on a BadEncoder with a 9×9 random patch, clean images forced through every tap's clamp fell
-to 30% kNN accuracy and the rest went to one class, the target's (benchmarks/RESULTS.md, "Purifier's
-local alignment"). A patch trigger raises the positions it covers at the early, large maps; replacing
+to 30% kNN accuracy, and 16% (kNN) to 41% (linear probe) of the non-target ones went to the target class
+(benchmarks/RESULTS.md, "Purifier's local alignment"). A patch trigger raises the positions it covers at the early, large maps; replacing
 them alone keeps the image around it.
 
 A gated plug-in with ``detect=False`` scores nothing: it aligns only the rows that a detecting plug-in of
