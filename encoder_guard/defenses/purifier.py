@@ -200,8 +200,9 @@ class Purifier:
         important) to ``quantile`` (rank 1) when an importance ``rank`` is given, else ``quantile`` for all.
 
         A gated plug-in's threshold, and a local one's ``spot``, are calibrated out of sample: each half of the
-        images is scored against ranges fitted on the other half. Scored against ranges they helped fit, the clean images' own excess
-        is too low, and the gate took 2-4x its nominal share of new clean inputs at the stem and layer1.
+        images is scored against ranges fitted on the other half. Scored against ranges they helped fit, the
+        clean images' own excess is too low, and the gate took 2-4x its nominal share of new clean inputs at
+        the stem and layer1.
         """
         values = torch.cat([_units(plugin, m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])
         q = torch.full((values.shape[1],), self.quantile) if rank is None else self.quantile_low + (self.quantile - self.quantile_low) * rank

@@ -40,8 +40,8 @@ clean positions' own, are set to the middle of their units' range, ``(lo + hi) /
 position keeps its activation. Clamping the whole map of a caught input into tight ranges leaves little
 of the image: on a BadEncoder with a 9×9 random patch, clean images forced through every tap's clamp fell
 to 30% kNN accuracy, and 16% (kNN) to 41% (linear probe) of the non-target ones went to the target class
-(benchmarks/RESULTS.md, "Purifier's local alignment"). A patch trigger raises the positions it covers at the early, large maps; replacing
-them alone keeps the image around it.
+(benchmarks/RESULTS.md, "Purifier's local alignment"). A patch trigger raises the positions it covers at
+the early, large maps; replacing them alone keeps the image around it.
 
 A gated plug-in with ``detect=False`` scores nothing: it aligns only the rows that a detecting plug-in of
 the same pass flagged before it, or, on the second pass, every row. A network may then keep its gates on
@@ -206,11 +206,11 @@ class ActivationAlignment(nn.Module):
 
     def _align(self, x: Tensor) -> Tensor:
         if self.local:
-            spots = (self.position_excess(x) > self.spot).unsqueeze(1)  # (B, 1, H, W)
+            values = cube_norms(x) if self.granularity == "cube" else x  # the norms once, for the score and the rescale
+            spots = (position_excess(values, self.hi, self.scale) > self.spot).unsqueeze(1)  # (B, 1, H, W)
             middle = (self.lo + self.hi) / 2
             if self.granularity == "cube":
-                norm = cube_norms(x).clamp_min(1e-12)
-                return torch.where(spots, x * (middle / norm), x)
+                return torch.where(spots, x * (middle / values.clamp_min(1e-12)), x)
             return torch.where(spots, middle, x)
         if self.granularity == "cube":
             norm = cube_norms(x).clamp_min(1e-12)
@@ -265,7 +265,8 @@ class ActivationAlignment(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
-                + ("" if self.detect else ", detect=False") + ("" if self.score == "mean" else f", score={self.score}") + (", local" if self.local else ""))
+                + ("" if self.detect else ", detect=False") + ("" if self.score == "mean" else f", score={self.score}")
+                + (", local" if self.local else ""))
 
 
 @PLUGINS.register("class-mask")
