@@ -46,7 +46,11 @@ def parse_value(raw: str) -> Any:
     """A ``--set`` value as YAML, with ``1e-3`` read as a number (YAML 1.1 wants ``1.0e-3``)."""
     if raw == "":
         return None
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise EncoderGuardError(f"--set value {raw!r} is not valid YAML ({exc.problem or exc}); write a list as "
+                                f"[a,b] and quote the whole --set argument in the shell, e.g. --set \"key=[a,b]\"") from exc
     if isinstance(value, str):
         try:
             return float(value)

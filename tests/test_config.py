@@ -26,6 +26,8 @@ def test_overrides_parse_yaml_values_and_refuse_typos():
         apply_overrides(cfg, ["optim.lrr=1"])
     with pytest.raises(EncoderGuardError, match="key=value"):
         apply_overrides(cfg, ["optim.lr"])
+    with pytest.raises(EncoderGuardError, match=r"--set value '\[0.1' is not valid YAML.*\[a,b\]"):
+        apply_overrides(cfg, ["optim.lr=[0.1"])  # a list cut at a comma by the shell or a cell parser
 
 
 def test_presets_load_by_name_and_unknown_preset_lists_them():
