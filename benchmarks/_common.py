@@ -20,7 +20,9 @@ def machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def write_result(name: str, data: dict[str, Any], summary_lines: list[str]) -> Path:
+def write_result(name: str, data: dict[str, Any], summary_lines: list[str], tag: str | None = None) -> Path:
+    """Write ``RESULTS/NAME[_TAG].json`` (with the machine) and its Markdown summary, and print the summary."""
+    name = f"{name}_{tag}" if tag else name
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))

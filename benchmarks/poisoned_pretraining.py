@@ -99,8 +99,8 @@ def main() -> None:
         ref = f"{r['ref_asr_linear']:.1%} / {r['ref_asr_knn']:.1%}" if "ref_asr_linear" in r else "—"
         lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
                      f"{r['asr_linear']:.2%} | {r['asr_knn']:.2%} | {ref} | {r['pretrain_seconds'] / 60:.1f} min |")
-    write_result("poisoned_pretraining" + (f"_{args.tag}" if args.tag else ""),
-                 {"overrides": args.set, "reference": args.reference, "rows": rows}, lines)
+    write_result("poisoned_pretraining", {"overrides": args.set, "reference": args.reference, "rows": rows}, lines,
+                 tag=args.tag)
 
 
 if __name__ == "__main__":

@@ -68,8 +68,8 @@ def main() -> None:
     lines = [f"## Inference throughput, {len(x)} images in batches of {args.batch_size}, {args.rounds} rounds, paired per "
              f"batch, {where}", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
     lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} | {r['ratio_to_original']:.2f} |" for r in rows]
-    write_result("purifier_throughput" + (f"_{args.tag}" if args.tag else ""), {"rows": rows, "rounds": args.rounds, "images": len(x),
-                                                                   "batch_size": args.batch_size, "device": where}, lines)
+    write_result("purifier_throughput", {"rows": rows, "rounds": args.rounds, "images": len(x),
+                                         "batch_size": args.batch_size, "device": where}, lines, tag=args.tag)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Per seed k (seed k also picks the BadNets target class k mod 10 and the clean re
 - ``clean``: the clean encoder under a probe trained on the clean training set (a false alarm if flagged);
 - ``badnets-R``: the clean encoder under a probe trained on a set BadNets-poisoned at rate R to target k;
 - ``badencoder``: the BadEncoder encoder (its fixed target) under a clean probe (seed: probe and references).
-Writes benchmarks/results/tac_detection[-TAG].json and .md.
+Writes benchmarks/results/tac_detection[_TAG].json and .md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05])
     ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--tag", default=None, help="results go to tac_detection-TAG.{json,md}")
+    ap.add_argument("--tag", default=None, help="results go to tac_detection_TAG.{json,md}")
     args = ap.parse_args()
     clean, bad = load_encoder(args.clean), load_encoder(args.bad)
     rows = {"clean": [], "badencoder": [], **{f"badnets-{r:g}": [] for r in args.rates}}
@@ -66,7 +66,7 @@ def main() -> None:
         summary[name] = {"flagged": flagged, "correct": right, "n": len(rs)}
         lines.append(f"| {name} | {where} | {flagged}/{len(rs)} | {right if name != 'clean' else '—'}/{len(rs)} | "
                      f"{100 * sum(r['asr'] for r in rs) / len(rs):.1f}% | {ps[len(ps) // 2]:.3g} |")
-    write_result("tac_detection" + (f"-{args.tag}" if args.tag else ""), {"args": vars(args), "summary": summary, "rows": rows}, lines)
+    write_result("tac_detection", {"args": vars(args), "summary": summary, "rows": rows}, lines, tag=args.tag)
 
 
 if __name__ == "__main__":
