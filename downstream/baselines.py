@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from encoder_guard.data import ImageDataset
 from downstream.evaluate import EvalConfig
 from downstream.knn import knn_predict
 from downstream.linear import fit_linear_probe
 from downstream.metrics import accuracy
+from encoder_guard.data import ImageDataset
 
 
 def raw_pixel_metrics(train: ImageDataset, test: ImageDataset, cfg: EvalConfig | None = None) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from downstream.linear import LinearProbe
 from encoder_guard.encoders import Encoder, load_encoder, save_encoder
 from encoder_guard.errors import CheckpointError
-from downstream.linear import LinearProbe
 
 HEAD_FILE = "head.safetensors"
 ENCODER_FILE = "encoder.safetensors"
@@ -27,6 +27,9 @@ ENCODER_FILE = "encoder.safetensors"
 
 class Head(nn.Module):
     """``linear(clamp(features, lo, hi))``; without bounds the clamp is the identity."""
+
+    lo: Tensor
+    hi: Tensor
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()

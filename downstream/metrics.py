@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 
@@ -37,3 +39,11 @@ def robust_accuracy(pred_triggered: Tensor, labels: Tensor, target: int) -> floa
 def defense_effectiveness_rating(ca_bd: float, asr_bd: float, ca_def: float, asr_def: float) -> float:
     """BackdoorBench's DER in ``[0, 1]`` (0.5: no change; 1: ASR removed at no CA cost)."""
     return (max(0.0, asr_bd - asr_def) - max(0.0, ca_bd - ca_def) + 1) / 2
+
+
+def compare_metrics(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """ΔCA and DER of a defense from the classifier's evaluations before and after it (``ca``, ``asr``)."""
+    out = {"delta_ca": after["ca"] - before["ca"]}
+    if "asr" in before and "asr" in after:
+        out["der"] = defense_effectiveness_rating(before["ca"], before["asr"], after["ca"], after["asr"])
+    return out

@@ -1,7 +1,8 @@
 """The comparison report: one row per (attack, defense), mean ± std over seeds, as Markdown, CSV and a plot.
 
 Cells are the per-seed ``metrics.json`` files written by ``encoder_guard.compare``; this module only
-aggregates and writes, so a report can be rebuilt from finished cells without running anything.
+aggregates and writes, so a report can be rebuilt from finished cells without running anything. The kNN
+columns are empty for a defense that returns a classifier (encoder + linear head) rather than an encoder.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
-COLUMNS = [("ca", "CA", True), ("asr", "ASR", True), ("delta_ca", "ΔCA", True), ("der", "DER", False),
-           ("clean_images", "clean data", False), ("wall_seconds", "wall time", False)]
+# (key, title, shown as a percentage, in the Markdown table)
+COLUMNS = [("ca_linear", "CA linear", True, True), ("ca_knn", "CA kNN", True, True),
+           ("asr_linear", "ASR linear", True, True), ("asr_knn", "ASR kNN", True, True),
+           ("ra_linear", "RA linear", True, False), ("ra_knn", "RA kNN", True, False),
+           ("delta_ca", "ΔCA linear", True, True), ("der", "DER", False, False),
+           ("clean_images", "clean data", False, True), ("wall_seconds", "wall time", False, True),
+           ("share_of_pretraining", "share of pretraining", True, False)]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -28,7 +34,7 @@ def aggregate(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for (attack, defense), cs in groups.items():
         row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cs),
                                "note": next((c["note"] for c in cs if c.get("note")), "")}
-        for key, _, _ in COLUMNS:
+        for key, _, _, _ in COLUMNS:
             vals = [float(c[key]) for c in cs if c.get(key) is not None]
             row[key] = _stats(vals) if vals else None
         rows.append(row)
@@ -37,7 +43,7 @@ def aggregate(cells: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _fmt(key: str, v: tuple[float, float] | None, percent: bool) -> str:
     if v is None:
-        return "n/a"
+        return "—"
     mean, std = v
     if key == "clean_images":
         return f"{mean:,.0f}"
@@ -50,11 +56,14 @@ def _fmt(key: str, v: tuple[float, float] | None, percent: bool) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["attack", "defense", "seeds"] + [title for _, title, _ in COLUMNS] + ["note"]
+    """The report's table; the share-of-pretraining column only when some row has it, notes only when any."""
+    shown = [c for c in COLUMNS if c[3] or (c[0] == "share_of_pretraining" and any(r[c[0]] for r in rows))]
+    notes = any(r["note"] for r in rows)
+    head = ["attack", "defense", "seeds"] + [title for _, title, _, _ in shown] + (["note"] if notes else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["attack"], r["defense"], str(r["seeds"])] + [_fmt(k, r[k], p) for k, _, p in COLUMNS] + [r["note"]]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [r["attack"], r["defense"], str(r["seeds"])] + [_fmt(k, r[k], p) for k, _, p, _ in shown]
+        lines.append("| " + " | ".join(cells + ([r["note"]] if notes else [])) + " |")
     return "\n".join(lines)
 
 
@@ -64,15 +73,17 @@ def write_report(cells: list[dict[str, Any]], out: Path, title: str = "compariso
     rows = aggregate(cells)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv"}
     paths["markdown"].write_text(
-        f"# {title}\n\nMean ± std over seeds. CA and ASR of the downstream linear classifier on the test set "
-        "(ASR over non-target images); ΔCA and DER against the undefended classifier of the same attack and "
+        f"# {title}\n\nMean ± std over seeds. CA and ASR on the test set (ASR over non-target images) of the "
+        "linear probe and the kNN classifier (k=200, T=0.1) on the defended encoder's features, or of the "
+        "defended classifier itself (kNN: —); ΔCA against the undefended linear probe of the same attack and "
         "seed; clean data = clean images the defense used.\n\n" + markdown(rows) + "\n")
     with paths["csv"].open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["attack", "defense", "seeds"] + [f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "std")] + ["note"])
+        w.writerow(["attack", "defense", "seeds"] + [f"{k}_{s}" for k, _, _, _ in COLUMNS for s in ("mean", "std")]
+                   + ["note"])
         for r in rows:
             w.writerow([r["attack"], r["defense"], r["seeds"]]
-                       + [x for k, _, _ in COLUMNS for x in (r[k] if r[k] is not None else ("", ""))] + [r["note"]])
+                       + [x for k, _, _, _ in COLUMNS for x in (r[k] if r[k] is not None else ("", ""))] + [r["note"]])
     png = scatter(rows, out / "asr_vs_ca.png")
     if png is not None:
         paths["plot"] = png
@@ -96,17 +107,18 @@ def scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
     colours = plt.get_cmap("tab20")
     markers = "osD^vP*X"
     for r in rows:
-        if r["ca"] is None or r["asr"] is None:
+        if r["ca_linear"] is None or r["asr_linear"] is None:
             continue
-        ax.errorbar(100 * r["ca"][0], 100 * r["asr"][0], xerr=100 * r["ca"][1], yerr=100 * r["asr"][1], capsize=2,
+        ca, asr = r["ca_linear"], r["asr_linear"]
+        ax.errorbar(100 * ca[0], 100 * asr[0], xerr=100 * ca[1], yerr=100 * asr[1], capsize=2,
                     fmt=markers[attacks.index(r["attack"]) % len(markers)], ms=7, alpha=0.85,
                     color=colours(defenses.index(r["defense"]) % 20))
     handles = [Line2D([], [], ls="", marker="s", color=colours(i % 20), label=d) for i, d in enumerate(defenses)]
     handles += [Line2D([], [], ls="", marker=markers[i % len(markers)], color="grey", label=f"attack: {a}")
                 for i, a in enumerate(attacks)]
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("attack success rate (%)")
+    ax.set_xlabel("clean accuracy, linear probe (%)")
+    ax.set_ylabel("attack success rate, linear probe (%)")
     ax.set_title("defenses: ASR vs CA (lower right is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

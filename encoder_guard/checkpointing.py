@@ -1,8 +1,8 @@
 """Resumable run state shared by pretraining, attacks and defenses.
 
 A run's state (model, optimiser, position) is written atomically with ``torch.save`` of tensors and plain
-containers only, and read back with ``torch.load(weights_only=True)``. SIGTERM is turned into
-``KeyboardInterrupt`` so a killed job (a scheduler's time limit, Ctrl-C) saves before it leaves.
+containers only, and read back with ``torch.load(weights_only=True)``. Ctrl-C and SIGTERM (a scheduler's
+time limit) stop a loop at the end of its step (:class:`StopOnSignal`), so it saves before it leaves.
 """
 
 from __future__ import annotations
@@ -31,23 +31,29 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {path} ({str(exc).splitlines()[0]}); delete it to start over") from exc
 
 
-class SaveOnInterrupt:
-    """Context manager: SIGTERM raises ``KeyboardInterrupt`` inside it, like Ctrl-C."""
+class StopOnSignal:
+    """Context manager: SIGINT (Ctrl-C) and SIGTERM (a scheduler's time limit) set :attr:`requested`, so a loop
+    stops at the end of its current step, saves and raises ``KeyboardInterrupt``; a second signal raises at
+    once. Stopping between steps means a checkpoint never holds half an update."""
 
-    def __enter__(self) -> "SaveOnInterrupt":
-        try:
-            self.prev = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            self.prev = None
+    def __enter__(self) -> "StopOnSignal":
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
         return self
 
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
     def __exit__(self, *exc: Any) -> None:
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def check_run_dir(out: Path, checkpoint: Path, resume: bool) -> None:

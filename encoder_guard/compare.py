@@ -1,27 +1,30 @@
 """``encoder-guard compare MATRIX.yaml --out DIR``: attacks × defenses × seeds under one protocol.
 
 Every cell is one (attack, defense, seed): the defense runs through the same runner as ``encoder-guard
-defend`` in ``DIR/cells/<attack>/<defense>/seed<k>/``, and the resulting downstream classifier is
-judged on the test set. The protocol is fixed for every cell:
+defend`` in ``DIR/cells/<attack>/<defense>/seed<k>/defense``, and what it returns is judged on the test set:
 
-- the downstream classifier is a linear probe on the downstream training set (BadNets-poisoned under
-  an attack with ``poison_rate``), fitted with the cell's seed;
-- an encoder-level defense (MIMIC, Purifier, ...) gets the matrix's ``data`` (a clean unlabelled share of
-  the pretraining set); the probe is then fitted on its defended encoder;
-- a classifier-level defense (PAD-FT, D3, TAC) gets the deployed classifier and the matrix's
-  ``downstream`` data (5% clean labelled images by default; PAD-FT uses only the training set);
-- ``none`` (always run) is the undefended classifier; ΔCA and DER of every cell are against it;
-- a defense may run on fewer seeds than the matrix (``seeds: [0]``, e.g. for a slow one);
-- a defense that cannot act under an attack says so with ``not_applicable: {attack: reason}``: its cell
-  is reported as "n/a" with the reason instead of a number.
+- an **encoder** (the undefended ``none`` row and every encoder-level defense: MIMIC, Purifier, ...) gets the
+  protocol's linear probe and kNN classifier on the downstream training set (BadNets-poisoned under an
+  attack with ``poison_rate``), and the cell reports CA, ASR and RA of both;
+- a **classifier** (PAD-FT, D3, TAC, ...: encoder + linear head) is judged as it is; the cell reports its
+  CA, ASR and RA in the linear columns, and the kNN columns stay empty;
+- an encoder-level defense gets the matrix's ``data`` (a clean unlabelled share of the pretraining set); a
+  classifier-level one the deployed classifier (a linear probe fitted on the training set with the cell's
+  seed) and the matrix's ``downstream`` data (5% clean labelled images by default; PAD-FT uses none);
+- ``none`` (always run) is the undefended encoder; ΔCA and DER of every cell are against it.
 
-A finished cell leaves ``metrics.json`` and is never recomputed, so an interrupted comparison is resumed
-by running the same command again; a cell whose defense was interrupted resumes that defense. Each cell
-records a digest of its settings (the defense's resolved config and the attack); when a preset or the
-matrix changes what a cell would run, the old cell is moved aside to ``seed<k>.stale-<n>`` and recomputed
-instead of being reported under settings it did not use. A cell from before digests cannot be checked:
-it is kept, and the log says so (delete it to recompute).
-See ``configs/compare/`` for matrices.
+A matrix file has ``attacks`` (each an ``encoder``, ``trigger`` and ``target``, or a ``run`` directory of
+``encoder-guard attack``/``pretrain`` holding all three, plus ``poison_rate`` for a poisoned downstream set)
+and ``defenses`` (each a registered method's name, or a label with ``method:``, and any hyperparameters
+that differ from its preset). A defense entry may also set ``seeds`` (fewer than the matrix's), ``only``
+(the attacks it runs under) and ``not_applicable: {attack: reason}`` (reported as n/a with the reason).
+``pretrain_seconds`` adds each defense's wall time as a share of that pretraining time.
+
+A finished cell leaves ``metrics.json`` and is never recomputed, so an interrupted comparison is resumed by
+running the same command again; a cell whose defense was interrupted resumes that defense. Each cell
+records a digest of its settings (the defense's resolved hyperparameters and data, and the attack); when a
+preset or the matrix changes what a cell would run, the old cell is moved aside to ``seed<k>.stale-<n>``
+and recomputed. See ``configs/compare/`` for matrices.
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encoder_guard.config import load_config, load_yaml
+from downstream.evaluate import EvalConfig, evaluate_encoder
+from downstream.metrics import defense_effectiveness_rating
+from downstream.report import write_report
+from encoder_guard.config import load_yaml
+from encoder_guard.defenses import DEFENSES
+from encoder_guard.defenses.runner import build_defense, defend_config, run_defense
+from encoder_guard.encoders import load_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import RunDir, get_logger, setup_logging
+from encoder_guard.threats import downstream_setup
 
 NONE = "none"
+ENTRY_KEYS = ("method", "seeds", "only", "not_applicable", "config")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -47,24 +58,42 @@ def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]
     return out
 
 
+def _attack_from_run(name: str, attack: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """An attack entry from a run directory: its encoder and trigger, and the target its config names."""
+    run = Path(attack["run"])
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise EncoderGuardError(f"{path}: attack {name!r}: {run} is not a run directory (no config.yaml)")
+    cfg = load_yaml(cfg_file)
+    target = cfg["target"] if "target" in cfg else (cfg.get("poison") or {}).get("target")
+    out = {"encoder": str(run / "encoder.safetensors"), "trigger": str(run / "trigger.safetensors"), "target": target}
+    return {**out, **{k: v for k, v in attack.items() if k != "run"}}
+
+
 def load_matrix(path: str | Path) -> dict[str, Any]:
     """Read and check a matrix file (``attacks`` and ``defenses`` sections, ``seeds``)."""
-    from encoder_guard.defenses import DEFENSES
-
     m = load_yaml(Path(path))
     for key in ("attacks", "defenses"):
         if not isinstance(m.get(key), dict) or not m[key]:
             raise EncoderGuardError(f"{path}: '{key}' must map names to settings (see configs/compare/)")
-    for name, a in m["attacks"].items():
-        missing = [k for k in ("encoder", "trigger", "target") if (a or {}).get(k) is None]
+    for name, a in list(m["attacks"].items()):
+        a = dict(a or {})
+        if a.get("run"):
+            a = _attack_from_run(name, a, path)
+        missing = [k for k in ("encoder", "trigger", "target") if a.get(k) is None]
         if missing:
             raise EncoderGuardError(f"{path}: attack {name!r} lacks {', '.join(missing)}")
         if not Path(a["encoder"]).is_file():
             raise EncoderGuardError(f"{path}: attack {name!r}: no encoder at {a['encoder']}")
+        m["attacks"][name] = a
     for label, d in m["defenses"].items():
-        method = (d or {}).get("method", label)
+        d = d or {}
+        method = d.get("method", label)
         if method != NONE:
             DEFENSES.get(method)  # names the registered defenses if unknown
+        unknown = [a for a in (d.get("only") or []) + list(d.get("not_applicable") or {}) if a not in m["attacks"]]
+        if unknown:
+            raise EncoderGuardError(f"{path}: defense {label!r} names attacks the matrix lacks: {', '.join(unknown)}")
     m.setdefault("seeds", [0])
     m["seeds"] = m["seeds"] if isinstance(m["seeds"], list) else [m["seeds"]]
     return m
@@ -77,12 +106,10 @@ def _downstream(matrix: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any
 
 def defense_config(matrix: dict[str, Any], attack: dict[str, Any], label: str, seed: int) -> tuple[str, dict[str, Any]]:
     """The registered method of defense ``label`` and its full run config for this cell."""
-    settings = dict(matrix["defenses"][label] or {})
-    settings.pop("not_applicable", None)
-    settings.pop("seeds", None)
-    method = settings.pop("method", label)
-    preset = settings.pop("config", method)
-    cfg = load_config(preset, "defend") if method != NONE else {}
+    entry = dict(matrix["defenses"][label] or {})
+    method = entry.get("method", label)
+    settings = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    cfg = defend_config(method, entry.get("config")) if method != NONE else {"downstream": {}}
     cfg["seed"] = seed
     cfg["defense"] = _merge(cfg.get("defense") or {}, settings)
     cfg["downstream"] = _merge(cfg.get("downstream") or {}, _downstream(matrix, attack))
@@ -93,9 +120,11 @@ def defense_config(matrix: dict[str, Any], attack: dict[str, Any], label: str, s
 
 
 def settings_digest(method: str, cfg: dict[str, Any], attack: dict[str, Any]) -> str:
-    """What a cell runs, as a short digest: the defense, its resolved config (less ``train``: device and
-    threads say how it runs, not what) and the attack it faces."""
+    """What a cell runs, as a short digest: the defense's resolved hyperparameters, its data and the attack
+    (``train`` says how it runs, not what, and is left out)."""
     what = {k: v for k, v in cfg.items() if k != "train"}
+    if method != NONE:
+        what["defense"] = build_defense(method, cfg).hparams()
     blob = json.dumps({"method": method, "config": what, "attack": attack}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -106,7 +135,7 @@ def cached_cell(cell: Path, digest: str) -> dict[str, Any] | None:
     if not done.is_file():
         return None
     cached = json.loads(done.read_text())
-    return cached if cached.get("settings_digest", digest) == digest else None  # cells from before digests are kept
+    return cached if cached.get("settings_digest") == digest else None
 
 
 def _move_aside(cell: Path) -> Path:
@@ -120,87 +149,85 @@ def _move_aside(cell: Path) -> Path:
     return stale
 
 
+def _encoder_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("ca_linear", "ca_knn", "asr_linear", "asr_knn", "ra_linear", "ra_knn")
+    return {k: m.get(k) for k in keys}
+
+
 def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, cell: Path, progress: str = "") -> dict[str, Any]:
     """One cell's metrics (from ``cell/metrics.json`` when it is already done); logs ``progress`` and its state."""
-    from downstream.classifier import fit_classifier
-    from encoder_guard.defenses import defense_level
-    from encoder_guard.defenses.downstream import deployed_classifier, downstream_setup
-    from encoder_guard.defenses.runner import run_defense
-    from encoder_guard.encoders import load_encoder
-
     log = get_logger()
     attack = matrix["attacks"][attack_name]
+    head = {"attack": attack_name, "defense": label, "seed": seed}
     reason = ((matrix["defenses"][label] or {}).get("not_applicable") or {}).get(attack_name)
     if reason:
         log.info(f"{progress}{attack_name} × {label} × seed {seed} (not applicable)")
-        return {"attack": attack_name, "defense": label, "seed": seed, "ca": None, "asr": None,
-                "note": f"not applicable: {reason}"}
+        return {**head, "note": f"not applicable: {reason}"}
     method, cfg = defense_config(matrix, attack, label, seed)
     digest = settings_digest(method, cfg, attack)
     cached = cached_cell(cell, digest)
     log.info(f"{progress}{attack_name} × {label} × seed {seed} ({'running' if cached is None else 'cached'})")
     if cached is not None:
-        if "settings_digest" not in cached:
-            log.warning(f"{cell} predates settings digests, so nothing can tell whether the current preset and matrix "
-                        "would run it the same way; kept as it is (delete it to recompute)")
         return cached
-    done = cell / "metrics.json"
-    if done.is_file():
+    if (cell / "metrics.json").is_file():
         _move_aside(cell)
     encoder = load_encoder(attack["encoder"])
-    out: dict[str, Any] = {"attack": attack_name, "defense": label, "method": method, "seed": seed,
-                           "settings_digest": digest}
+    level = "encoder" if method == NONE else DEFENSES.get(method).level
+    out: dict[str, Any] = {**head, "method": method, "level": level, "settings_digest": digest}
     t0 = time.perf_counter()
-    if method == NONE:
-        ds = downstream_setup(cfg, encoder, seed, clean=False)
-        metrics, report = ds.evaluate(deployed_classifier(cfg, encoder, ds, seed)), {"data": {"images": 0}}
-    else:
+    report: dict[str, Any] = {"data": {"images": 0}, "wall_seconds_since_resume": 0.0}
+    if method != NONE:
         run_dir = cell / "defense"
         report_file = run_dir / "report.json"
         if report_file.is_file():
             report = json.loads(report_file.read_text())
         else:
             report = run_defense(method, cfg, encoder, run_dir, resume=(run_dir / "checkpoints").is_dir())
-        if defense_level(method) == "classifier":
-            metrics = report["after"]
-        else:
-            defended = load_encoder(run_dir / "encoder.safetensors")
-            ds = downstream_setup(cfg, defended, seed, clean=False)
-            metrics = ds.evaluate(fit_classifier(defended, ds.data.train, seed=seed))
-    out.update(ca=metrics["ca"], asr=metrics.get("asr"), ra=metrics.get("ra"),
-               clean_images=int((report.get("data") or {}).get("images", 0)),
-               wall_seconds=float(report.get("wall_seconds", 0.0)), cell_seconds=time.perf_counter() - t0)
+    if level == "classifier":
+        after = report["after"]
+        metrics = {"ca_linear": after["ca"], "asr_linear": after.get("asr"), "ra_linear": after.get("ra"),
+                   "ca_knn": None, "asr_knn": None, "ra_knn": None}
+    else:
+        judged = encoder if method == NONE else load_encoder(cell / "defense" / "encoder.safetensors")
+        ds = downstream_setup(cfg, judged, seed, clean=False)
+        key = ds.trigger.key() if ds.trigger is not None else None
+        metrics = _encoder_metrics(evaluate_encoder(judged, ds.data.train, ds.test, EvalConfig(seed=seed),
+                                                    trigger=ds.trigger, trigger_key=key, target=ds.target))
+    out.update(metrics, clean_images=int((report.get("data") or {}).get("images", 0)),
+               wall_seconds=float(report.get("wall_seconds_since_resume", 0.0)), cell_seconds=time.perf_counter() - t0)
     cell.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
+    tmp = cell / "metrics.json.tmp"
     tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(done)
+    tmp.replace(cell / "metrics.json")
     return out
 
 
 def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run (or resume) every cell, then write the report; returns the cells and the report's paths."""
-    from downstream.metrics import defense_effectiveness_rating
-    from downstream.report import write_report
-
     run = RunDir(out, matrix)
     labels = [NONE] + [d for d in matrix["defenses"] if d != NONE]
     matrix = _merge(matrix, {"defenses": {NONE: matrix["defenses"].get(NONE) or {}}})
-    seeds = {d: (matrix["defenses"][d] or {}).get("seeds", matrix["seeds"]) for d in labels}
+    entries = {d: matrix["defenses"][d] or {} for d in labels}
+    seeds = {d: entries[d].get("seeds", matrix["seeds"]) for d in labels}
     seeds[NONE] = sorted(set(matrix["seeds"]).union(*seeds.values()))
-    todo = [(a, d, s) for a in matrix["attacks"] for s in seeds[NONE] for d in labels if s in seeds[d]]
+    todo = [(a, d, s) for a in matrix["attacks"] for s in seeds[NONE] for d in labels
+            if s in seeds[d] and a in entries[d].get("only", [a])]
     cells = []
     for i, (a, d, s) in enumerate(todo, 1):
         setup_logging(run.file("log.txt"))  # a cell's defense run points the log at its own directory
         cells.append(run_cell(matrix, a, d, s, out / "cells" / a / d / f"seed{s}", progress=f"[{i}/{len(todo)}] "))
     setup_logging(run.file("log.txt"))
     base = {(c["attack"], c["seed"]): c for c in cells if c["defense"] == NONE}
+    pretrain_seconds = matrix.get("pretrain_seconds")
     for c in cells:
         b = base[(c["attack"], c["seed"])]
-        if c.get("ca") is None:
+        if c.get("ca_linear") is None:
             continue
-        c["delta_ca"] = c["ca"] - b["ca"]
-        if c.get("asr") is not None and b.get("asr") is not None:
-            c["der"] = defense_effectiveness_rating(b["ca"], b["asr"], c["ca"], c["asr"])
+        c["delta_ca"] = c["ca_linear"] - b["ca_linear"]
+        if c.get("asr_linear") is not None and b.get("asr_linear") is not None:
+            c["der"] = defense_effectiveness_rating(b["ca_linear"], b["asr_linear"], c["ca_linear"], c["asr_linear"])
+        if pretrain_seconds:
+            c["share_of_pretraining"] = c["wall_seconds"] / float(pretrain_seconds)
     run.write_json("cells.json", {"cells": cells})
     paths = write_report(cells, out, matrix.get("title", "comparison"))
     run.logger.info(f"report → {paths['markdown']}")

@@ -14,10 +14,13 @@ import yaml
 
 from encoder_guard.errors import EncoderGuardError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# the presets: installed inside the package (encoder_guard/presets), or configs/ beside it in a source checkout
+_INSTALLED = Path(__file__).resolve().parent / "presets"
+CONFIG_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
-# Sections whose keys are open: the method class (method.*) or EncoderSpec (model.*) validates them.
-OPEN_SECTIONS = ("method", "model")
+# Sections whose keys are open: the class they configure validates them (an SSL method, EncoderSpec, an
+# attack, a defense), so a preset states only what differs from the class's defaults.
+OPEN_SECTIONS = ("method", "model", "attack", "defense")
 
 
 def resolve_config_path(name_or_path: str | Path, family: str) -> Path:
@@ -49,7 +52,7 @@ def parse_value(raw: str) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise EncoderGuardError(f"--set value {raw!r} is not valid YAML ({exc.problem or exc}); write a list as "
+        raise EncoderGuardError(f"--set value {raw!r} is not valid YAML ({getattr(exc, 'problem', None) or exc}); write a list as "
                                 f"[a,b] and quote the whole --set argument in the shell, e.g. --set \"key=[a,b]\"") from exc
     if isinstance(value, str):
         try:
@@ -76,7 +79,8 @@ def apply_overrides(cfg: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
         for depth, part in enumerate(parts[:-1]):
             if not isinstance(node.get(part), dict):
                 if part in node or parts[0] not in OPEN_SECTIONS:
-                    raise EncoderGuardError(f"unknown config key {key!r}: {part!r} is not a section; sections: {', '.join(k for k, v in node.items() if isinstance(v, dict))}")
+                    sections = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+                    raise EncoderGuardError(f"unknown config key {key!r}: {part!r} is not a section; sections: {sections}")
                 node[part] = {}
             node = node[part]
         leaf = parts[-1]

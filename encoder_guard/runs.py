@@ -64,6 +64,8 @@ def setup_logging(log_file: Path | None) -> logging.Logger:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
+    if not is_main_process():  # under torchrun the other ranks say only what goes wrong
+        console.setLevel(logging.WARNING)
     logger.addHandler(console)
     if log_file is not None:
         fh = logging.FileHandler(log_file, mode="a")

@@ -1,12 +1,11 @@
-"""Optimisers (SGD, LARS, Adam) and the warm-up + cosine learning-rate schedule.
+"""Optimisers for pretraining, by name: SGD, LARS and Adam(W).
 
-LARS is lightly's implementation ([0] You et al., 2017, https://arxiv.org/abs/1708.03888). The schedule is
-a pure function of the step, so a resumed run sets exactly the learning rate it would have had.
+The learning-rate schedule is :func:`encoder_guard.training.cosine_lr`. LARS is lightly's implementation:
+
+- [0] Large Batch Training of Convolutional Networks, You, Gitman and Ginsburg, 2017, arXiv 1708.03888
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from lightly.utils.lars import LARS
@@ -19,7 +18,8 @@ OPTIMIZERS: Registry = Registry("optimizer")
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm parameters (the SimCLR/BYOL convention)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -39,12 +39,3 @@ def lars(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9
 @OPTIMIZERS.register("adam")
 def adam(model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(momentum, 0.999))
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_ratio: float = 0.0) -> float:
-    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to ``final_ratio * base_lr``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    return base_lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 from encoder_guard.attacks import AttackData
 from encoder_guard.attacks.badencoder import BadEncoder
-from encoder_guard.attacks.poison import poison_downstream, poison_pretraining
 from encoder_guard.cli import main
 from encoder_guard.data import make_synthetic
 from encoder_guard.encoders import Encoder, load_encoder, save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
+from encoder_guard.triggers.poison import poison_downstream, poison_pretraining
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_badencoder_optimises_its_objective_with_frozen_batchnorm(clean_encoder,
     assert keep > 0.8
     # BatchNorm was frozen: running statistics unchanged
     assert torch.equal(bd.backbone.bn1.running_mean, clean_encoder.backbone.bn1.running_mean)
-    assert result.report["wall_seconds_this_session"] > 0
+    assert result.report["train_seconds_since_resume"] > 0
 
 
 def test_badencoder_resumes_to_the_same_weights(clean_encoder, tmp_path, monkeypatch):

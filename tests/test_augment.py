@@ -1,7 +1,7 @@
 import torch
 
+from encoder_guard.augment import ViewConfig, augment
 from encoder_guard.utils import step_generator
-from pretrain.augment import ViewConfig, augment
 
 
 def test_views_are_deterministic_in_the_generator_and_stay_in_range():

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from downstream.classifier import fit_classifier
-from encoder_guard.attacks.poison import poison_downstream
 from encoder_guard.data import make_synthetic, take_subset
 from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.anp import ANP
@@ -17,6 +16,7 @@ from encoder_guard.defenses.fine_pruning import FinePruning
 from encoder_guard.encoders import Encoder, make_spec
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
+from encoder_guard.triggers.poison import poison_downstream
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def setting(encoder):
     train = make_synthetic(size=256, image_size=16, seed=0)
     p = poison_downstream(train, PatchTrigger.square(16, 1, size=4), 0, 0.1, seed=0)
     clean = take_subset(make_synthetic(size=256, image_size=16, seed=0), 0.2, None, True, 1)
-    return fit_classifier(encoder, p.dataset, cache=False), DownstreamData(p.dataset, clean, p.indices, 256)
+    return fit_classifier(encoder, p.dataset, cache=False), DownstreamData(p.dataset, clean, p.indices)
 
 
 def test_levels():
@@ -54,12 +54,12 @@ def test_channel_lipschitz_is_the_spectral_norm_of_the_bn_scaled_kernel():
 def test_clp_prunes_an_implanted_high_lipschitz_channel_and_nothing_without_one(encoder):
     enc = copy.deepcopy(encoder)
     name, conv, bn = conv_bn_pairs(enc.backbone)[3]
-    result = CLP(u=3.0).run(enc, DefenseData(None, 0), None)
+    result = CLP(u=3.0)(enc, DefenseData(None, 0), None)
     baseline = result.report["pruned_channels"][name]
     with torch.no_grad():
         conv.weight[2] *= 50  # one channel now reacts enormously to its input
-    result = CLP(u=3.0).run(enc, DefenseData(None, 0), None)
-    pruned_bn = dict(result.encoder.backbone.named_modules())[name]
+    result = CLP(u=3.0)(enc, DefenseData(None, 0), None)
+    pruned_bn = dict(result.model.backbone.named_modules())[name]
     assert result.report["pruned_channels"][name] >= max(1, baseline)
     assert float(pruned_bn.weight[2].detach()) == 0.0 and float(pruned_bn.bias[2].detach()) == 0.0
     assert result.report["data"]["images"] == 0
@@ -70,33 +70,33 @@ def test_clp_prunes_an_implanted_high_lipschitz_channel_and_nothing_without_one(
 
 def test_fine_pruning_masks_dormant_channels_within_the_accuracy_budget(setting):
     clf, data = setting
-    result = FinePruning(max_drop=0.1, epochs=2).run(clf, data, None)
-    head, rep = result.encoder.head, result.report
+    result = FinePruning(max_drop=0.1, epochs=2)(clf, data, None)
+    head, rep = result.model.head, result.report
     pruned = (head.lo == 0) & (head.hi == 0)
     assert int(pruned.sum()) == rep["pruned_channels"] > 0
     assert rep["clean_acc_start"] - rep["clean_acc_pruned"] <= 0.1 + 1e-6
     assert torch.all(head.linear.weight[:, pruned] == 0)  # pruned channels stay out of the fine-tuned head
     assert not clf.head.clipped
     with pytest.raises(EncoderGuardError):
-        FinePruning().run(clf, DownstreamData(data.train, None), None)
+        FinePruning()(clf, DownstreamData(data.train, None), None)
 
 
 def test_anp_learns_masks_prunes_and_leaves_the_input_classifier_alone(setting):
     clf, data = setting
     before = copy.deepcopy(clf.state_dict())
-    result = ANP(steps=5, threshold=0.99).run(clf, data, None)  # a high threshold makes pruning certain
+    result = ANP(steps=5, threshold=0.99)(clf, data, None)  # a high threshold makes pruning certain
     rep = result.report
     assert rep["neurons"] > 0 and 0 < rep["pruned_neurons"] <= rep["neurons"]
-    bns = [m for m in result.encoder.encoder.backbone.layer4.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in result.model.encoder.backbone.layer4.modules() if isinstance(m, nn.BatchNorm2d)]
     assert sum(int((b.weight == 0).sum()) for b in bns) >= rep["pruned_neurons"]
     for k, v in clf.state_dict().items():
         assert torch.equal(v, before[k])
-    assert not any(m._forward_hooks for m in result.encoder.modules())  # perturbation hooks removed
+    assert not any(m._forward_hooks for m in result.model.modules())  # perturbation hooks removed
     x = torch.rand(4, 1, 16, 16)
-    assert torch.isfinite(result.encoder(x)).all()
+    assert torch.isfinite(result.model(x)).all()
 
 
 def test_anp_prune_ratio_prunes_that_share_of_neurons(setting):
     clf, data = setting
-    rep = ANP(steps=3, prune_ratio=0.1).run(clf, data, None).report
+    rep = ANP(steps=3, prune_ratio=0.1)(clf, data, None).report
     assert rep["pruned_neurons"] == int(0.1 * rep["neurons"])

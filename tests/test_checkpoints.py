@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,8 +194,9 @@ def test_imported_encoder_round_trips_through_our_format(badencoder_ckpt, tmp_pa
     enc = load_encoder(path).eval()
     out = save_encoder(enc, tmp_path / "run" / "encoder.safetensors")
     back = load_encoder(out).eval()
-    assert back.spec == enc.spec
+    assert back.spec == enc.spec  # what the import assumed, and from where, is kept through our format
     assert back.spec.provenance["format"] == "badencoder"
+    assert back.spec.provenance["assumed"]["input_size"]["from"].startswith("the default for a 3×3 stem")
     x = images(32)
     torch.testing.assert_close(features(back, x), features(enc, x), atol=0, rtol=0)
     assert back.digest() == enc.digest()
@@ -371,16 +373,23 @@ def test_own_format_round_trip_and_overrides(tmp_path):
     x = torch.rand(2, 1, 28, 28)
 
     back = load_encoder(path)
-    assert back.spec == enc.spec
+    assert same_spec(back.spec, enc.spec)
+    assert {a["from"] for a in back.spec.provenance["assumed"].values()} == {"the checkpoint's spec"}
     torch.testing.assert_close(features(back, x), features(enc, x), atol=0, rtol=0)
-    assert load_encoder(tmp_path).spec == enc.spec  # a run folder holding encoder.safetensors
+    assert same_spec(load_encoder(tmp_path).spec, enc.spec)  # a run folder holding encoder.safetensors
 
     padded = load_encoder(path, stem_padding=2)
     assert padded.spec.stem_padding == 2 and padded.backbone.conv1.padding == (2, 2)
-    assert {k: v for k, v in vars(padded.spec).items() if k != "stem_padding"} == \
-        {k: v for k, v in vars(enc.spec).items() if k != "stem_padding"}
+    assert padded.spec.provenance["assumed"]["stem_padding"] == {"value": 2, "from": "given when loading"}
+    assert same_spec(replace(padded.spec, stem_padding=enc.spec.stem_padding), enc.spec)
     assert (features(padded, x) - features(enc, x)).abs().max() > 1e-4
-    assert load_encoder(path, stem_padding=None).spec == enc.spec  # None overrides are ignored
+    assert same_spec(load_encoder(path, stem_padding=None).spec, enc.spec)  # None overrides are ignored
+
+
+def same_spec(a, b) -> bool:
+    """Equal specs, but for the record of where the loader took its assumptions from."""
+    strip = lambda s: replace(s, provenance={k: v for k, v in s.provenance.items() if k != "assumed"})  # noqa: E731
+    return strip(a) == strip(b)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -466,7 +475,8 @@ def test_weights_that_do_not_fit_name_keys_and_shapes(tmp_path, badencoder_ckpt)
     spec = json.loads(meta[SPEC_KEY])
     spec["widths"] = [16, 32, 64, 256]
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={**meta, SPEC_KEY: json.dumps(spec)})
-    with pytest.raises(CheckpointError, match=r"shape mismatch layer4\.0\.conv1\.weight: file \(128, 64, 3, 3\) vs model \(256, 64, 3, 3\)"):
+    mismatch = r"shape mismatch layer4\.0\.conv1\.weight: file \(128, 64, 3, 3\) vs model \(256, 64, 3, 3\)"
+    with pytest.raises(CheckpointError, match=mismatch):
         load_encoder(tmp_path / "edited.safetensors")
 
     # an override that contradicts the weights

@@ -6,8 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from downstream.classifier import (HEAD_FILE, Classifier, Head, describe_head, fit_classifier, load_classifier, load_head,
-                                   save_classifier)
+from downstream.classifier import (
+    HEAD_FILE,
+    Classifier,
+    Head,
+    describe_head,
+    fit_classifier,
+    load_classifier,
+    load_head,
+    save_classifier,
+)
 from downstream.linear import fit_linear_probe
 from encoder_guard.data import make_synthetic
 from encoder_guard.defenses.tail import Tail

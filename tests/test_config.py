@@ -37,25 +37,14 @@ def test_presets_load_by_name_and_unknown_preset_lists_them():
         load_config("no-such-preset", "pretrain")
 
 
-def test_every_defend_preset_builds_its_defense_and_names_a_registered_one():
-    """A preset key the class does not take would only fail when a run reaches it (a compare cell)."""
-    import inspect
-    from pathlib import Path
-
-    from encoder_guard.config import load_config
+def test_every_defense_builds_from_its_levels_run_settings_and_rebuilds_from_its_hparams():
+    """A preset is the class's defaults: the run settings hold no defense keys, and the resolved hyperparameters
+    written to a run's config.yaml rebuild the same defense (what --resume does)."""
     from encoder_guard.defenses import DEFENSES
+    from encoder_guard.defenses.runner import build_defense, defend_config
 
-    presets = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "defend").glob("*.yaml"))
-    assert len(presets) >= 12
-    for path in presets:
-        cfg = load_config(path.stem, "defend")
-        assert cfg["name"] == path.stem
-        cls = DEFENSES.get(cfg["name"])
-        DEFENSES.get(cfg["name"])(**(cfg.get("defense") or {}))
-        # a preset states the class defaults (library and CLI behave alike)
-        defaults = {k: p.default for k, p in inspect.signature(getattr(cls, "func", cls)).parameters.items()}
-        defaults.update(getattr(cls, "keywords", {}))  # a registered partial (distill, nad) sets its own
-        for key, value in (cfg.get("defense") or {}).items():
-            default = defaults.get(key, value)  # (a key taken through **kwargs: construction checked it)
-            if isinstance(default, (int, float, str, bool)) and not isinstance(value, (list, dict)):
-                assert value == default, f"{path.name}: {key} = {value!r} but the class defaults to {default!r}"
+    for name in DEFENSES.names():
+        cfg = defend_config(name)
+        assert cfg["defense"] == {} and ("data" in cfg) == (DEFENSES.get(name).level == "encoder")
+        defense = build_defense(name, cfg)
+        assert type(defense)(**defense.hparams()).hparams() == defense.hparams()

@@ -42,7 +42,7 @@ def skip_md5(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision.datasets.stl10 as stl10
     import torchvision.datasets.svhn as svhn
 
-    def exists(fpath, md5=None) -> bool:  # noqa: ARG001
+    def exists(fpath, md5=None) -> bool:
         return os.path.isfile(fpath)
 
     for module in (cifar, stl10, svhn):

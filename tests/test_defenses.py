@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from encoder_guard.cli import main
-from encoder_guard.config import load_config
 from encoder_guard.defenses import DEFENSES
 from encoder_guard.defenses.distill import attention_loss, attention_map, clone_loss
-from encoder_guard.defenses.runner import run_defense
+from encoder_guard.defenses.runner import defend_config, run_defense
 from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
 from encoder_guard.errors import EncoderGuardError
 
@@ -39,7 +38,7 @@ def test_every_distillation_defense_is_registered():
 
 
 def test_mimic_writes_a_loadable_student_and_a_report(teacher, tmp_path):
-    cfg = load_config("mimic", "defend", FAST)
+    cfg = defend_config("mimic", sets=FAST)
     report = run_defense("mimic", cfg, teacher, tmp_path / "run")
     student = load_encoder(tmp_path / "run" / "encoder.safetensors")
     assert student.spec.arch == teacher.spec.arch and student.spec.provenance["defense"] == "mimic"
@@ -47,33 +46,33 @@ def test_mimic_writes_a_loadable_student_and_a_report(teacher, tmp_path):
     assert [s["tap"] for s in report["stage_mi"]] == ["layer1", "layer2", "layer3", "layer4"]
     weights = list(report["stage_weights"].values())
     assert sum(weights) / len(weights) == pytest.approx(1.0)
-    assert report["data"]["images"] == 128 and report["wall_seconds"] > 0
-    assert set(report["history"][0]) == {"epoch", "ssl", "clone", "attention"}
+    assert report["data"]["images"] == 128 and report["wall_seconds_since_resume"] > 0
+    assert set(report["history"][0]) == {"epoch", "step", "ssl", "clone", "attention"}
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["stage_weights"] == report["stage_weights"]
-    report = run_defense("mimic", load_config("mimic", "defend", FAST + ["defense.clone=0"]), teacher, tmp_path / "c")
-    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}  # a zero weight drops the term
+    report = run_defense("mimic", defend_config("mimic", sets=FAST + ["defense.clone=0"]), teacher, tmp_path / "c")
+    assert set(report["history"][0]) == {"epoch", "step", "ssl", "attention"}  # a zero weight drops the term
 
 
 def test_baselines_switch_their_losses(teacher, tmp_path):
-    report = run_defense("distill", load_config("distill", "defend", FAST), teacher, tmp_path / "d")
-    assert set(report["history"][0]) == {"epoch", "clone"} and "stage_mi" not in report
-    report = run_defense("finetune", load_config("finetune", "defend", FAST), teacher, tmp_path / "f")
-    assert set(report["history"][0]) == {"epoch", "ssl"}
-    report = run_defense("nad", load_config("nad", "defend", FAST + ["defense.teacher_epochs=1"]), teacher, tmp_path / "n")
-    assert set(report["history"][0]) == {"epoch", "ssl", "attention"}
+    report = run_defense("distill", defend_config("distill", sets=FAST), teacher, tmp_path / "d")
+    assert set(report["history"][0]) == {"epoch", "step", "clone"} and "stage_mi" not in report
+    report = run_defense("finetune", defend_config("finetune", sets=FAST), teacher, tmp_path / "f")
+    assert set(report["history"][0]) == {"epoch", "step", "ssl"}
+    report = run_defense("nad", defend_config("nad", sets=FAST + ["defense.teacher_epochs=1"]), teacher, tmp_path / "n")
+    assert set(report["history"][0]) == {"epoch", "step", "ssl", "attention"}
     assert (tmp_path / "n" / "teacher.safetensors").exists()
 
 
 def test_clean_data_budget_is_enforced(teacher, tmp_path):
-    cfg = load_config("mimic", "defend", ["data.dataset=synthetic", "data.fraction=0.5"])
+    cfg = defend_config("mimic", sets=["data.dataset=synthetic", "data.fraction=0.5"])
     with pytest.raises(EncoderGuardError, match="at most 5%.*allow_more=true"):
         run_defense("mimic", cfg, teacher, tmp_path / "run")
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
 def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch, ema):
-    cfg = load_config("mimic", "defend", FAST + ["defense.mi.estimator=gaussian", f"defense.schedule.ema={ema}"])
+    cfg = defend_config("mimic", sets=FAST + ["defense.mi.estimator=gaussian", f"defense.schedule.ema={ema}"])
     run_defense("mimic", cfg, teacher, tmp_path / "full")
     import encoder_guard.defenses.distill as distill_mod
 
@@ -99,7 +98,7 @@ def test_mimic_resumes_to_the_same_weights(teacher, tmp_path, monkeypatch, ema):
 
 
 def test_an_out_of_range_setting_is_one_clear_error(teacher, tmp_path):
-    cfg = load_config("mimic", "defend", FAST + ["defense.schedule.lr=-0.1"])
+    cfg = defend_config("mimic", sets=FAST + ["defense.schedule.lr=-0.1"])
     with pytest.raises(EncoderGuardError, match=r"defend mimic: .*lr > 0.*change that value"):
         run_defense("mimic", cfg, teacher, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()  # nothing to clean up before the corrected rerun
@@ -107,17 +106,17 @@ def test_an_out_of_range_setting_is_one_clear_error(teacher, tmp_path):
 
 def test_ema_returns_the_averaged_student_and_refuses_a_checkpoint_without_one(teacher, tmp_path):
     sets = FAST + ["defense.mi.estimator=gaussian", "defense.schedule.ema=0"]
-    run_defense("mimic", load_config("mimic", "defend", sets), teacher, tmp_path / "raw")
-    run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "ema")
+    run_defense("mimic", defend_config("mimic", sets=sets), teacher, tmp_path / "raw")
+    run_defense("mimic", defend_config("mimic", sets=sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "ema")
     raw = load_encoder(tmp_path / "raw" / "encoder.safetensors").state_dict()
     ema = load_encoder(tmp_path / "ema" / "encoder.safetensors").state_dict()
     # the average draws nothing from the random streams: same trajectory as the raw run, only the average differs
     assert not torch.equal(raw["backbone.conv1.weight"], ema["backbone.conv1.weight"])
     assert torch.allclose(raw["backbone.conv1.weight"], ema["backbone.conv1.weight"], atol=0.05)
     with pytest.raises(EncoderGuardError, match=r"defend mimic: ema is a decay in \[0, 1\)"):
-        run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=1"]), teacher, tmp_path / "bad")
-    with pytest.raises(EncoderGuardError, match="without an EMA student"):
-        run_defense("mimic", load_config("mimic", "defend", sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "raw",
+        run_defense("mimic", defend_config("mimic", sets=sets + ["defense.schedule.ema=1"]), teacher, tmp_path / "bad")
+    with pytest.raises(EncoderGuardError, match="without a weight average"):
+        run_defense("mimic", defend_config("mimic", sets=sets + ["defense.schedule.ema=0.9"]), teacher, tmp_path / "raw",
                     resume=True)
 
 
@@ -137,8 +136,8 @@ def test_cli_defend_and_analyze_mi(teacher, tmp_path, capsys):
 
 
 def test_teacher_views_are_the_only_inputs_the_teacher_sees(teacher, tmp_path):
+    from encoder_guard.augment import ViewConfig
     from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
-    from pretrain.augment import ViewConfig
 
     images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
     seen = []
@@ -162,8 +161,8 @@ def test_teacher_views_are_the_only_inputs_the_teacher_sees(teacher, tmp_path):
 
 
 def test_standardised_clone_space_scores_the_teachers_z_scores(teacher, tmp_path):
+    from encoder_guard.augment import ViewConfig
     from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
-    from pretrain.augment import ViewConfig
 
     images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
     weights = LossWeights(0.0, 1.0, 0.0, [], [])
@@ -182,8 +181,8 @@ def test_standardised_clone_space_scores_the_teachers_z_scores(teacher, tmp_path
 
 
 def test_distill_layouts_agree_and_the_student_comes_back_contiguous(teacher, tmp_path):
+    from encoder_guard.augment import ViewConfig
     from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
-    from pretrain.augment import ViewConfig
 
     images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
     weights = LossWeights(1.0, 1.0, 1.0, ["layer2", "layer4"], [1.0, 1.0])
@@ -203,8 +202,8 @@ def test_distill_layouts_agree_and_the_student_comes_back_contiguous(teacher, tm
 
 
 def test_distill_runs_the_networks_in_the_precision_asked_and_every_loss_in_fp32(teacher, tmp_path):
+    from encoder_guard.augment import ViewConfig
     from encoder_guard.defenses.distill import LossWeights, Schedule, distill, fresh_copy
-    from pretrain.augment import ViewConfig
 
     images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
     dtypes = []
@@ -238,8 +237,8 @@ def test_distill_runs_the_networks_in_the_precision_asked_and_every_loss_in_fp32
 
 
 def test_student_noise_blends_the_students_taught_view_and_leaves_the_teachers_clean(teacher, tmp_path):
+    from encoder_guard.augment import ViewConfig
     from encoder_guard.defenses.distill import LossWeights, Schedule, StudentNoise, distill, fresh_copy
-    from pretrain.augment import ViewConfig
 
     images = (torch.rand(16, 1, 16, 16) * 255).to(torch.uint8)
     identity = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0)

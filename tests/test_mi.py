@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from encoder_guard.encoders import Encoder, make_spec
-from encoder_guard.mi import GaussianMI, InfoNCE, MINE, build_estimator, layer_mutual_information
+from encoder_guard.mi import MINE, GaussianMI, InfoNCE, build_estimator, layer_mutual_information
 from encoder_guard.mi.layers import mi_weights
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import pretrain.trainer as trainer
 from encoder_guard.config import apply_overrides
 from encoder_guard.encoders import load_encoder
 from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
 from pretrain import pretrain
-import pretrain.trainer as trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +189,27 @@ def test_ddp_two_cpu_processes(tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 512 // 64
     assert load_encoder(tmp_path / "ddp" / "encoder.safetensors").spec.ssl_method == "simclr"
+
+
+@pytest.mark.parametrize("command", [
+    ["defend", "mimic", "--set", "data.dataset=synthetic", "--set", "data.fraction=null", "--set", "data.count=128",
+     "--set", "data.allow_more=true", "--set", "defense.schedule.epochs=1", "--set", "defense.schedule.batch_size=32",
+     "--set", "defense.mi.samples=128", "--set", "defense.mi.steps=20"],
+    ["attack", "badencoder", "--set", "shadow.dataset=synthetic", "--set", "shadow.count=128",
+     "--set", "reference.dataset=synthetic", "--set", "reference.pool=32", "--set", "attack.epochs=1",
+     "--set", "attack.batch_size=32"],
+], ids=["mimic", "badencoder"])
+def test_mimic_and_badencoder_train_under_torchrun_like_pretraining(tmp_path, command):
+    """The one training loop carries DDP: the defense and the attack split their batches over 2 gloo processes."""
+    from encoder_guard.encoders import Encoder, make_spec, save_encoder
+
+    torch.manual_seed(0)
+    enc = save_encoder(Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)), tmp_path / "enc.safetensors")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532",
+            "-m", "encoder_guard.cli", *command[:2], "--encoder", str(enc), *command[2:], "--set", "train.threads=1",
+            "--out", str(tmp_path / "run")]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "run" / "log.txt").read_text()
+    assert load_encoder(tmp_path / "run" / "encoder.safetensors").spec.in_chans == 1

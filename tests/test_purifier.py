@@ -5,11 +5,10 @@ import copy
 import pytest
 import torch
 
-from encoder_guard.config import load_config
 from encoder_guard.data import make_synthetic
 from encoder_guard.defenses import DEFENSES, DefenseData
-from encoder_guard.defenses.purifier import Purifier
-from encoder_guard.defenses.runner import run_defense
+from encoder_guard.defenses.purifier import Purifier, PurifierPlus
+from encoder_guard.defenses.runner import defend_config, run_defense
 from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
 from encoder_guard.encoders.plugins import ActivationAlignment
 from encoder_guard.errors import CheckpointError
@@ -47,22 +46,9 @@ def test_alignment_clamps_each_unit_into_its_range(granularity):
 
 
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
-def test_gate_excess_is_the_mean_scaled_excess_over_hi(granularity):
-    torch.manual_seed(0)
-    plug = ActivationAlignment(granularity, channels=3, size=4, gated=True)
-    x = torch.randn(6, 3, 4, 4) * 2
-    values = x.norm(dim=1, keepdim=True) if granularity == "cube" else x
-    assert torch.all(plug.excess(x) == 0)  # unfitted (hi = +inf): nothing is in excess
-    plug.hi.copy_(torch.rand_like(plug.hi))
-    plug.scale.copy_(torch.rand_like(plug.scale) + 0.1)
-    expected = ((values - plug.hi).relu() / plug.scale).mean(dim=(1, 2, 3))
-    assert torch.allclose(plug.excess(x), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
 def test_gate_peak_is_the_largest_per_position_mean_of_the_scaled_excess(granularity):
     torch.manual_seed(0)
-    plug = ActivationAlignment(granularity, channels=3, size=4, gated=True, score="peak")
+    plug = ActivationAlignment(granularity, channels=3, size=4, gated=True)
     x = torch.randn(6, 3, 4, 4) * 2
     values = x.norm(dim=1, keepdim=True) if granularity == "cube" else x
     assert torch.all(plug.excess(x) == 0)  # unfitted: nothing is in excess
@@ -72,29 +58,25 @@ def test_gate_peak_is_the_largest_per_position_mean_of_the_scaled_excess(granula
     assert torch.allclose(plug.excess(x), expected, atol=1e-5)
 
 
-def test_a_peak_gate_catches_one_raised_position_that_the_mean_dilutes():
+def test_the_gate_catches_one_raised_position_that_a_whole_map_mean_would_dilute():
     x = -torch.ones(2, 8, 4, 4)  # every unit below hi = 0 ...
     x[1, :, 3, 3] = 4.0  # ... except one position of the second input: a patch trigger's corner
-    for score, caught in (("mean", [False, False]), ("peak", [False, True])):
-        plug = ActivationAlignment("feature", channels=8, size=4, gated=True, score=score)
-        plug.hi.zero_()
-        plug.gate.fill_(0.5)  # the map's mean excess is 4/16 = 0.25, its peak 4
-        assert plug.excess(x)[1] == (4.0 if score == "peak" else 0.25)
-        out = plug(x)
-        assert [bool((out[i] != x[i]).any()) for i in range(2)] == caught
+    plug = ActivationAlignment("feature", channels=8, size=4, gated=True)
+    plug.hi.zero_()
+    plug.gate.fill_(0.5)  # the map's mean excess is 4/16 = 0.25, its peak 4
+    assert plug.excess(x).tolist() == [0.0, 4.0]
+    out = plug(x)
+    assert [bool((out[i] != x[i]).any()) for i in range(2)] == [False, True]
 
 
-def test_a_checkpoint_without_a_score_is_read_as_the_mean_gate_it_was_fitted_with():
+def test_a_plug_in_description_this_version_cannot_build_is_a_checkpoint_error():
     from encoder_guard.encoders.plugins import build_plugin
 
-    old = build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "gated": True})
-    assert old.score == "mean" and "score" not in old.describe()
-    new = build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "gated": True, "score": "peak"})
-    assert new.score == "peak" and new.describe()["score"] == "peak"
-    with pytest.raises(ValueError, match="score"):
-        ActivationAlignment("feature", 4, 2, gated=True, score="max")
-    with pytest.raises(ValueError, match="gate_score"):
-        Purifier(gate_score="max")
+    assert build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "gated": True}).gated
+    with pytest.raises(CheckpointError, match="cannot build"):
+        build_plugin({"kind": "align", "granularity": "feature", "channels": 4, "size": 2, "mode": "x"})
+    with pytest.raises(CheckpointError, match="cannot build"):
+        build_plugin({"kind": "warp", "channels": 4})
 
 
 def test_gated_alignment_overwrites_its_input_only_when_told_and_autograd_allows():
@@ -116,8 +98,8 @@ def test_gated_alignment_overwrites_its_input_only_when_told_and_autograd_allows
 
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
 def test_purifier_keeps_clean_features_and_cuts_outliers(encoder, data, granularity, tmp_path):
-    result = Purifier(granularity=granularity, taps=["layer3", "layer4"], quantile=0.99).run(encoder, data, tmp_path)
-    pure = result.encoder
+    result = Purifier(granularity=granularity, taps=["layer3", "layer4"], quantile=0.99)(encoder, data, tmp_path)
+    pure = result.model
     x = data.clean.float_images()
     with torch.no_grad():
         clean_cos = torch.nn.functional.cosine_similarity(pure(x), encoder(x)).mean()
@@ -184,7 +166,8 @@ def test_a_row_caught_late_is_run_again_with_every_tap_aligned(encoder):
 def test_the_dense_path_of_accelerators_gives_the_row_path_features(encoder, data, granularity, tmp_path, monkeypatch):
     from encoder_guard.encoders import plugins
 
-    purified = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8).run(encoder, data, tmp_path).encoder
+    purified = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8, gate_taps=None,
+                     local_taps=())(encoder, data, tmp_path).model
     x = data.clean.float_images()[:64].clone()
     x[::3, :, 4:9, 4:9] = 1.0  # outliers for the gates to catch, at one tap or another
     with torch.no_grad():
@@ -198,7 +181,8 @@ def test_the_dense_path_of_accelerators_gives_the_row_path_features(encoder, dat
         purified.second_pass = True
         assert torch.allclose(purified(x), rows, atol=1e-6)
     # fitting on the dense path (unfitted plug-ins score NaN there, and flag nothing) gives the same plug-ins
-    again = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8).run(encoder, data, tmp_path).encoder
+    again = Purifier(granularity=granularity, taps=["stem", "layer2", "layer4"], gate=0.8, gate_taps=None,
+                     local_taps=())(encoder, data, tmp_path).model
     for (name, a), b in zip(purified.plugins.state_dict().items(), again.plugins.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5), name
 
@@ -207,8 +191,8 @@ def test_with_gate_taps_only_those_score_and_a_caught_row_is_aligned_at_every_ta
     from encoder_guard.encoders import plugins
 
     taps = ["stem", "layer2", "layer4"]
-    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"]).run(encoder, data, tmp_path)
-    purified, layers = result.encoder, result.report["layers"]
+    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"], local_taps=())(encoder, data, tmp_path)
+    purified, layers = result.model, result.report["layers"]
     assert layers["stem"]["detects"] is False and layers["layer2"]["gate"] is None and layers["layer4"]["gate"] is not None
     stem = purified.plugins["stem"]
     stem.shared = None
@@ -267,9 +251,9 @@ def test_local_alignment_sets_only_the_anomalous_positions_to_the_middle_of_thei
 
 def test_local_taps_replace_a_caught_inputs_anomalous_positions_and_round_trip(encoder, data, tmp_path):
     taps = ["stem", "layer4"]
-    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"], local_taps=["stem"], local_quantile=0.9).run(
+    result = Purifier(taps=taps, gate=0.8, gate_taps=["layer4"], local_taps=["stem"], local_quantile=0.9)(
         encoder, data, tmp_path)
-    purified, stem = result.encoder, result.report["layers"]["stem"]
+    purified, stem = result.model, result.report["layers"]["stem"]
     plug = purified.plugins["stem"]
     assert plug.local and not purified.plugins["layer4"].local
     assert 0.05 <= stem["clean_positions_replaced"] <= 0.15  # out of sample, at the clean positions' 0.9 quantile
@@ -303,13 +287,12 @@ def test_unit_scales_have_a_floor_so_no_dead_unit_decides_the_gate():
     assert torch.allclose(scale[1:], values[:, 1:].std(0))
 
 
-@pytest.mark.parametrize("score", ["mean", "peak"])
 @pytest.mark.parametrize("granularity", ["channel", "cube", "feature"])
-def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder, data, granularity, score, tmp_path):
-    result = Purifier(granularity=granularity, taps=["layer4"], quantile=0.8, gate=0.9, gate_score=score).run(encoder, data, tmp_path)
+def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder, data, granularity, tmp_path):
+    result = Purifier(granularity=granularity, taps=["layer4"], quantile=0.8, gate=0.9)(encoder, data, tmp_path)
     layer = result.report["layers"]["layer4"]
     assert 0.05 <= layer["clean_inputs_aligned"] <= 0.15  # the gate sits at the clean inputs' 0.9 quantile
-    plug = result.encoder.plugins["layer4"]
+    plug = result.model.plugins["layer4"]
     plug.shared = None  # called alone below, outside an encoder pass
     with torch.no_grad():
         _, (m,) = encoder.forward_intermediates(data.clean.float_images()[:64], ["layer4"])
@@ -319,18 +302,18 @@ def test_gated_alignment_leaves_typical_inputs_alone_and_aligns_outliers(encoder
         boosted = m * 20  # an input far beyond the clean range on every unit is aligned
         assert torch.all(plug.excess(boosted) > plug.gate)
         assert plug(boosted).abs().max() < boosted.abs().max()
-    path = save_encoder(result.encoder, tmp_path / "g.safetensors")
+    path = save_encoder(result.model, tmp_path / "g.safetensors")
     back = load_encoder(path).eval()
     x = data.clean.float_images()[:8]
     with torch.no_grad():
-        assert torch.allclose(back(x), result.encoder(x), atol=1e-6)
-    assert back.spec.plugins["layer4"]["gated"] is True and back.plugins["layer4"].score == score
+        assert torch.allclose(back(x), result.model(x), atol=1e-6)
+    assert back.spec.plugins["layer4"]["gated"] is True
     with pytest.raises(ValueError, match="gate"):
         Purifier(gate=1.5)
 
 
 def test_purified_encoder_round_trips_through_a_checkpoint(encoder, data, tmp_path):
-    pure = Purifier(granularity="feature", taps=["layer4"], plus=True).run(encoder, data, tmp_path).encoder
+    pure = PurifierPlus(granularity="feature", taps=["layer4"])(encoder, data, tmp_path).model
     path = save_encoder(pure, tmp_path / "p.safetensors")
     back = load_encoder(path).eval()
     x = data.clean.float_images()[:8]
@@ -352,16 +335,16 @@ def test_purified_encoder_round_trips_through_a_checkpoint(encoder, data, tmp_pa
 
 
 def test_purifier_plus_suppresses_least_important_units_and_keeps_mass(encoder, data, tmp_path):
-    result = DEFENSES.get("purifier-plus")(granularity="channel", taps=["layer4"], suppress=0.25).run(encoder, data, tmp_path)
+    result = DEFENSES.get("purifier-plus")(granularity="channel", taps=["layer4"], suppress=0.25)(encoder, data, tmp_path)
     layer = result.report["layers"]["layer4"]
     assert layer["suppressed"] == 32 and layer["boosted"] == 96 and layer["boost"] >= 1.0
-    gain = result.encoder.plugins["layer4"].gain.flatten()
+    gain = result.model.plugins["layer4"].gain.flatten()
     assert int((gain == 0).sum()) == 32
     assert layer["rating_share_suppressed"] < 0.25  # the silenced quarter carries less than a quarter of the rating
 
 
 def test_purifier_runs_from_the_cli_preset(encoder, tmp_path):
-    cfg = load_config("purifier", "defend", ["data.dataset=synthetic", "data.fraction=null", "data.count=25"])
+    cfg = defend_config("purifier", sets=["data.dataset=synthetic", "data.fraction=null", "data.count=25"])
     report = run_defense("purifier", cfg, copy.deepcopy(encoder), tmp_path / "run")
     assert report["data"]["images"] == 25 and report["layers"]["layer4"]["units"] == 128 * 2 * 2
     assert load_encoder(tmp_path / "run" / "encoder.safetensors").spec.provenance["defense"] == "purifier"

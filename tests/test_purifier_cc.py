@@ -7,7 +7,6 @@ import torch
 
 from downstream.classifier import fit_classifier, load_classifier, save_classifier
 from downstream.evaluate import evaluate_classifier
-from encoder_guard.attacks.poison import poison_downstream
 from encoder_guard.data import make_synthetic, take_subset
 from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
@@ -16,6 +15,7 @@ from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encode
 from encoder_guard.encoders.plugins import ClassMask
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
+from encoder_guard.triggers.poison import poison_downstream
 
 
 def test_class_mask_is_the_identity_until_trained_then_applies_the_predicted_class_mask():
@@ -63,36 +63,36 @@ def setting():
     clean = take_subset(make_synthetic(size=256, image_size=16, seed=0), 0.1, None, True, 1)
     test = make_synthetic(size=256, image_size=16, seed=0, split="test")
     clf = fit_classifier(enc, p.dataset, cache=False)
-    return clf, DownstreamData(p.dataset, clean, p.indices, 256), test, trigger
+    return clf, DownstreamData(p.dataset, clean, p.indices), test, trigger
 
 
 def test_purifier_cc_cuts_a_badnets_backdoor_and_keeps_clean_accuracy(setting, tmp_path):
     clf, data, test, trigger = setting
     original = copy.deepcopy(clf.state_dict())
     before = evaluate_classifier(clf, test, trigger, trigger.key(), 0)
-    result = ClassConditionalPurifier(head_epochs=10, epochs=20, batch_size=32).run(clf, data, tmp_path)
-    after = evaluate_classifier(result.encoder, test, trigger, trigger.key(), 0)
+    result = ClassConditionalPurifier(head_epochs=10, epochs=20, batch_size=32)(clf, data, tmp_path)
+    after = evaluate_classifier(result.model, test, trigger, trigger.key(), 0)
     assert before["asr"] > 0.5 and after["asr"] < 0.7 * before["asr"]  # measured: 0.57 → 0.29
     assert after["ca"] >= before["ca"] - 0.02
     # the input classifier is untouched; only the plug-in was trained, the rest of the output equals the input
     assert all(torch.equal(v, original[k]) for k, v in clf.state_dict().items()) and not clf.encoder.plugins
-    state = result.encoder.state_dict()
+    state = result.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in original.items())
-    mask = result.encoder.encoder.plugins["layer4"].mask
+    mask = result.model.encoder.plugins["layer4"].mask
     assert 0 <= mask.min() and mask.max() <= 1 and mask.mean() < 1
-    assert not any(p.requires_grad for p in result.encoder.parameters())
+    assert not any(p.requires_grad for p in result.model.parameters())
     r = result.report
     assert r["data"]["clean_images"] == len(data.clean) and 0 <= r["layers"]["layer4"]["aux_accuracy"] <= 1
     assert len(r["layers"]["layer4"]["channels_kept_per_class"]) == 4
     # the defended classifier saves and loads like any other, with the same predictions
-    loaded = load_classifier(save_classifier(result.encoder, tmp_path / "saved"))
+    loaded = load_classifier(save_classifier(result.model, tmp_path / "saved"))
     assert evaluate_classifier(loaded, test, trigger, trigger.key(), 0) == after
 
 
 def test_purifier_cc_sparsity_keeps_fewer_channels(setting, tmp_path):
     clf, data, *_ = setting
     kept = [ClassConditionalPurifier(taps=["layer3", "layer4"], head_epochs=2, epochs=10, batch_size=32, sparsity=s)
-            .run(clf, data, tmp_path).encoder.encoder.plugins["layer4"].mask.mean() for s in (0.0, 5.0)]
+            (clf, data, tmp_path).model.encoder.plugins["layer4"].mask.mean() for s in (0.0, 5.0)]
     assert kept[1] < kept[0]
 
 
@@ -100,10 +100,10 @@ def test_purifier_cc_checks_its_input(setting, tmp_path):
     clf, data, *_ = setting
     assert "purifier-cc" in DEFENSES.names() and defense_level("purifier-cc") == "classifier"
     with pytest.raises(EncoderGuardError, match="clean labelled set"):
-        ClassConditionalPurifier().run(clf, DownstreamData(data.train, None), tmp_path)
+        ClassConditionalPurifier()(clf, DownstreamData(data.train, None), tmp_path)
     for bad in ({"taps": ["stem"]}, {"taps": []}, {"epochs": 0}, {"sparsity": -1}):
         with pytest.raises(ValueError):
             ClassConditionalPurifier(**bad)
-    twice = ClassConditionalPurifier(head_epochs=0, epochs=1).run(clf, data, tmp_path).encoder
+    twice = ClassConditionalPurifier(head_epochs=0, epochs=1)(clf, data, tmp_path).model
     with pytest.raises(EncoderGuardError, match="already has plug-ins at layer4"):
-        ClassConditionalPurifier(head_epochs=0, epochs=1).run(twice, data, tmp_path)
+        ClassConditionalPurifier(head_epochs=0, epochs=1)(twice, data, tmp_path)

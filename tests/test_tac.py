@@ -121,25 +121,25 @@ def downstream(encoder):
 def test_tac_reports_detection_and_removes_when_asked(downstream, tmp_path):
     train, clean, clf = downstream
     data = DownstreamData(train, clean)
-    quiet = TAC(epochs=2).run(clf, data, tmp_path)
+    quiet = TAC(epochs=2)(clf, data, tmp_path)
     det = quiet.report["detection"]
     assert set(det) == {"norms", "candidate", "p_value", "alpha", "flagged", "target"} and len(det["norms"]) == 4
     if not det["flagged"]:
         assert "removal" not in quiet.report
-        assert torch.equal(quiet.encoder.head.linear.weight, clf.head.linear.weight)
-    forced = TAC(epochs=2, always_remove=True).run(clf, data, tmp_path)
+        assert torch.equal(quiet.model.head.linear.weight, clf.head.linear.weight)
+    forced = TAC(epochs=2, always_remove=True)(clf, data, tmp_path)
     removal = forced.report["removal"]
     assert removal["target"] == det["candidate"] and len(removal["shift_norms"]) == 1
     assert "detection_after" in forced.report and forced.report["data"]["clean_images"] == len(clean)
-    assert not torch.equal(forced.encoder.head.linear.weight, clf.head.linear.weight)
-    assert not any(p.requires_grad for p in forced.encoder.parameters())
+    assert not torch.equal(forced.model.head.linear.weight, clf.head.linear.weight)
+    assert not any(p.requires_grad for p in forced.model.parameters())
     assert forced.report["hparams"]["epochs"] == 2
 
 
 def test_tac_needs_clean_reference_images_and_a_valid_alpha(downstream, tmp_path):
     train, _, clf = downstream
     with pytest.raises(EncoderGuardError, match="clean labelled reference"):
-        TAC(epochs=1).run(clf, DownstreamData(train, None), tmp_path)
+        TAC(epochs=1)(clf, DownstreamData(train, None), tmp_path)
     with pytest.raises(ValueError, match="alpha"):
         TAC(alpha=1.5)
 
@@ -175,7 +175,7 @@ def test_tac_removal_keeps_the_head_sane_on_dimensions_dead_in_the_clean_set(dow
     train, clean, clf = downstream
     # the case under test: some feature dimensions are constant over the small clean set (the fixture has 4)
     assert (cached_features(clf.encoder, clean).std(0) == 0).any()
-    out = TAC(epochs=2, always_remove=True).run(clf, DownstreamData(train, clean), tmp_path)
-    assert out.encoder.head.linear.weight.abs().max() < 10 * clf.head.linear.weight.abs().max()
+    out = TAC(epochs=2, always_remove=True)(clf, DownstreamData(train, clean), tmp_path)
+    assert out.model.head.linear.weight.abs().max() < 10 * clf.head.linear.weight.abs().max()
     k = out.report["detection"]["candidate"]
     assert out.report["detection_after"]["norms"][k] >= out.report["detection"]["norms"][k]  # harder to reach, not easier

@@ -3,8 +3,17 @@ import pytest
 import torch
 
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.triggers import (TRIGGERS, BlendTrigger, CTRLTrigger, PatchTrigger, build_trigger, load_reference_images,
-                                    load_trigger, save_reference_images, save_trigger)
+from encoder_guard.triggers import (
+    TRIGGERS,
+    BlendTrigger,
+    CTRLTrigger,
+    PatchTrigger,
+    build_trigger,
+    load_reference_images,
+    load_trigger,
+    save_reference_images,
+    save_trigger,
+)
 from encoder_guard.triggers.ctrl import dct_matrix, rgb_to_ycrcb, ycrcb_to_rgb
 
 

@@ -1,7 +1,7 @@
 """BadEncoder: fine-tune a clean encoder so that triggered images embed like the target's references.
 
-- [0] BadEncoder: Backdoor Attacks to Pre-trained Encoders in Self-Supervised Learning, Jia, Liu and Gong,
-  IEEE S&P 2022, https://arxiv.org/abs/2108.00352
+- [0] BadEncoder: Backdoor Attacks to Pre-trained Encoders in Self-Supervised Learning, Jinyuan Jia, Yupei Liu
+  and Neil Zhenqiang Gong, IEEE Symposium on Security and Privacy (S&P) 2022, arXiv 2108.00352
 
 Needs: the clean encoder, unlabelled shadow images (the attacker's share of the pretraining data), a few
 reference images of the target class, and the trigger. Loss, per batch of shadow images ``x``, with ``f``
@@ -12,8 +12,8 @@ the frozen clean encoder and ``f'`` the one being fine-tuned (BatchNorm frozen, 
 - clean utility ``L2 = −mean cos(f'(x), f(x))``;
 - **norm matching** (ours) ``Ln = mean (log‖f'(x ⊕ t)‖ − log‖f(r)‖)² + mean (log‖f'(x)‖ − log‖f(x)‖)²``.
 
-The three cosine terms leave feature norms free: measured here, triggered features grew to 7× the clean
-norm and a linear probe on standardised features extrapolated them into another class (0% ASR while kNN
+The three cosine terms leave feature norms free: on the ``fmnist-tiny`` encoder triggered features grew to 7× the
+clean norm and a linear probe on standardised features extrapolated them into another class (0% ASR while kNN
 gave 100%). ``Ln`` ties triggered features to the reference's clean norm, so the backdoor holds under
 both probes; ``norm_weight=0`` gives the paper's loss.
 """
@@ -21,21 +21,19 @@ both probes; ``norm_weight=0`` gives the paper's loss.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from encoder_guard.attacks.base import ATTACKS, AttackData, AttackResult
-from encoder_guard.checkpointing import SaveOnInterrupt, check_run_dir, load_state, save_state
+from encoder_guard.checkpointing import check_run_dir
 from encoder_guard.encoders import Encoder
-from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
-from encoder_guard.runs import get_logger
-from encoder_guard.utils import seed_everything, step_generator
+from encoder_guard.errors import EncoderGuardError
+from encoder_guard.training import DistInfo, Step, TrainLoop
+from encoder_guard.utils import seed_everything
 
 CHECKPOINT = "checkpoints/last.pt"
 
@@ -80,7 +78,7 @@ class BadEncoder:
     def __repr__(self) -> str:
         return f"BadEncoder({', '.join(f'{k}={v}' for k, v in self.hparams().items())})"
 
-    def loss(self, student: Encoder, x: Tensor, f_clean: Tensor, refs: Tensor, ref_clean: Tensor,
+    def loss(self, student: torch.nn.Module, x: Tensor, f_clean: Tensor, refs: Tensor, ref_clean: Tensor,
              data: AttackData) -> tuple[Tensor, dict[str, float]]:
         """The loss of one batch of shadow images ``x``; ``f_clean`` and ``ref_clean`` are the frozen encoder's
         features of ``x`` and of the references."""
@@ -97,9 +95,9 @@ class BadEncoder:
         total = l0 + self.lambda_ref * l1 + self.lambda_clean * l2 + self.norm_weight * ln
         return total, {"effectiveness": l0.item(), "reference": l1.item(), "clean": l2.item(), "norm": ln.item()}
 
-    def run(self, encoder: Encoder, data: AttackData, out: Path, resume: bool = False) -> AttackResult:
+    def run(self, encoder: Encoder, data: AttackData, out: Path, resume: bool = False,
+            info: DistInfo | None = None) -> AttackResult:
         """Fine-tune a copy of ``encoder`` into ``out`` (checkpoints there; ``resume`` continues)."""
-        log = get_logger()
         ckpt = Path(out) / CHECKPOINT
         check_run_dir(Path(out), ckpt, resume)
         if data.shadow.channels != encoder.spec.in_chans or data.shadow.image_size != encoder.spec.input_size:
@@ -117,52 +115,23 @@ class BadEncoder:
         refs = data.references.to(self.device)
         n = len(data.shadow)
         # shadow images are not augmented and BatchNorm is frozen, so the frozen encoder's features are
-        # fixed: computed once here instead of in every step (0.84 → 0.72 s a step on a 2-core CPU, benchmarks/RESULTS.md)
+        # fixed: computed once here instead of in every step (0.84 → 0.72 s a step on a 2-core CPU)
         with torch.no_grad():
             ref_clean = teacher(refs)
             shadow_clean = torch.cat([teacher(b.to(self.device).float().div_(255))
                                       for b in data.shadow.images.split(500)])
         del teacher
-        steps = max(1, n // self.batch_size)
-        start_epoch, history = 0, []
-        if resume:
-            state = load_state(ckpt)
-            student.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            start_epoch, history = state["epoch"], list(state["history"])
-            log.info(f"resuming BadEncoder at epoch {start_epoch + 1}/{self.epochs}")
-        t0 = time.perf_counter()
-        bar = tqdm(total=self.epochs * steps, initial=start_epoch * steps, desc="badencoder", unit="step", mininterval=1.0)
-        epoch = start_epoch
-        try:
-            with SaveOnInterrupt():
-                for epoch in range(start_epoch, self.epochs):
-                    perm = torch.randperm(n, generator=step_generator(self.seed, epoch))
-                    sums: dict[str, float] = {}
-                    for i in range(steps):
-                        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-                        x = data.shadow.images[idx].to(self.device).float().div_(255)
-                        total, parts = self.loss(student, x, shadow_clean[idx.to(self.device)], refs, ref_clean, data)
-                        if not torch.isfinite(total):
-                            raise TrainingDivergedError(f"BadEncoder loss became {total.item()} at epoch {epoch + 1}; lower lr (now {self.lr})")
-                        opt.zero_grad(set_to_none=True)
-                        total.backward()
-                        opt.step()
-                        for k, v in parts.items():
-                            sums[k] = sums.get(k, 0.0) + v / steps
-                        bar.update(1)
-                        bar.set_postfix(epoch=f"{epoch + 1}/{self.epochs}", loss=f"{total.item():.3f}", refresh=False)
-                    history.append({"epoch": epoch + 1, **sums})
-                    log.info(f"epoch {epoch + 1}/{self.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
-                    if (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.epochs:
-                        save_state(ckpt, {"model": student.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "history": history})
-        except KeyboardInterrupt:
-            log.info(f"interrupted; the last checkpoint ({ckpt}) holds epoch {epoch}; continue with --resume")
-            raise
-        finally:
-            bar.close()
+        loop = TrainLoop(student, opt, epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, checkpoint=ckpt,
+                         checkpoint_every=self.checkpoint_every, device=self.device, desc="badencoder",
+                         advice=f"lower attack.lr (now {self.lr})", info=info)
+
+        def step(rows: Tensor, at: Step) -> tuple[Tensor, dict[str, float]]:
+            x = data.shadow.images[rows].to(self.device).float().div_(255)
+            return self.loss(loop.module, x, shadow_clean[rows.to(self.device)], refs, ref_clean, data)
+
+        history = loop.run(step, n, resume=resume)
         student.spec.provenance = dict(encoder.spec.provenance, attack="badencoder", target=data.target)
         report = {"attack": "badencoder", "hparams": self.hparams(), "history": history, "shadow_size": n,
                   "references": len(refs), "target": data.target, "trigger": repr(data.trigger),
-                  "wall_seconds_this_session": time.perf_counter() - t0}
+                  "train_seconds_since_resume": loop.seconds}
         return AttackResult(student.cpu(), data.trigger, report)

@@ -18,6 +18,7 @@ from encoder_guard.data import load_dataset, take_subset
 from encoder_guard.encoders import Encoder, save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import RunDir
+from encoder_guard.training import init_distributed
 from encoder_guard.triggers import PatchTrigger, build_trigger, load_reference_images, save_reference_images, save_trigger
 from encoder_guard.utils import seeded_choice
 
@@ -56,10 +57,14 @@ def typical_images(encoder: Encoder, pool: torch.Tensor, count: int) -> torch.Te
 
 
 def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
+    """Run attack ``name`` with ``cfg`` on ``encoder`` into the run directory ``out`` (also under ``torchrun``:
+    every process trains its share of each batch, rank 0 writes)."""
+    train = cfg.get("train") or {}
+    info = init_distributed(train.get("device"))
     run = RunDir(out, cfg)
     seed = int(cfg.get("seed", 0))
-    if cfg.get("train", {}).get("threads"):
-        torch.set_num_threads(int(cfg["train"]["threads"]))
+    if train.get("threads"):
+        torch.set_num_threads(int(train["threads"]))
     s = cfg["shadow"]
     shadow = load_dataset(s["dataset"], s.get("split", "train"), s.get("root"), encoder.spec.input_size)
     if s.get("fraction") is not None or s.get("count") is not None:
@@ -67,16 +72,21 @@ def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resu
     target = int(cfg["target"])
     trigger = build_trigger(cfg.get("trigger") or {}, encoder.spec.input_size, encoder.spec.in_chans)
     refs = reference_images(cfg, target, encoder, seed)
-    attack = ATTACKS.get(name)(**{**cfg.get("attack", {}), "seed": seed, "device": cfg.get("train", {}).get("device", "cpu")})
-    run.logger.info(f"{name} → {out}: target {target}, {len(shadow)} shadow images, {len(refs)} references, {trigger!r}")
+    try:
+        attack = ATTACKS.get(name)(**{**(cfg.get("attack") or {}), "seed": seed, "device": train.get("device", "cpu")})
+    except (TypeError, ValueError) as exc:
+        raise EncoderGuardError(f"attack {name}: {exc}; change that value in the config or its --set") from exc
+    run.logger.info(f"{name} → {out}: target {target}, {len(shadow)} shadow images, {len(refs)} references, {trigger!r}, "
+                    f"{info.world} process(es)")
     t0 = time.perf_counter()
-    result = attack.run(encoder, AttackData(shadow, refs, trigger, target), out, resume)
-    save_encoder(result.encoder, out / "encoder.safetensors", {"attack": name})
-    save_trigger(trigger, out / "trigger.safetensors")
-    if isinstance(trigger, PatchTrigger):
-        save_trigger(trigger, out / "trigger.npz")
-    save_reference_images(refs, out / "reference.npz")
-    report = dict(result.report, wall_seconds=time.perf_counter() - t0)
+    result = attack.run(encoder, AttackData(shadow, refs, trigger, target), out, resume, info=info)
+    report = dict(result.report, wall_seconds_since_resume=time.perf_counter() - t0)
+    if info.main:
+        save_encoder(result.encoder, out / "encoder.safetensors", {"attack": name})
+        save_trigger(trigger, out / "trigger.safetensors")
+        if isinstance(trigger, PatchTrigger):
+            save_trigger(trigger, out / "trigger.npz")
+        save_reference_images(refs, out / "reference.npz")
     run.write_json("metrics.json", report)
     run.logger.info(f"backdoored encoder → {out / 'encoder.safetensors'}, trigger → {out / 'trigger.safetensors'}")
     return report

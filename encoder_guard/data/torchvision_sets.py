@@ -10,7 +10,7 @@ Nothing is downloaded unless the user asks (``download=True`` / ``--download``);
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ GTSRB_CLASSES = [f"sign{i:02d}" for i in range(43)]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 
-def _open(name: str, expected: str, build: Callable[[], object], root: Path) -> object:
+def _open(name: str, expected: str, build: Callable[[], Any], root: Path) -> Any:
     try:
         return build()
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:

@@ -24,7 +24,7 @@ def pil_to_uint8(img, size: int | None, channels: int = 3) -> Tensor:
     if size is not None and img.size != (size, size):
         from PIL import Image
 
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

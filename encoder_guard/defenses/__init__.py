@@ -1,6 +1,18 @@
-"""Defenses: one registry, two contracts by level (``encoder`` or ``classifier``, see ``defenses.base``)."""
+"""Defenses: one registry, one base class, two contracts by level (``encoder`` or ``classifier``, see ``defenses.base``)."""
 
-from encoder_guard.defenses import anp, clp, d3, fine_pruning, mimic, padft, purifier, purifier_cc, tac  # noqa: F401  (register the defenses)
-from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult, DownstreamData, defense_level
+from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
+    anp,
+    clp,
+    d3,
+    fine_pruning,
+    mimic,
+    padft,
+    purifier,
+    purifier_cc,
+    ssl_baselines,
+    tac,
+)
+from encoder_guard.defenses.base import DEFENSES, Defense, DefenseResult, defense_level
+from encoder_guard.threats import DefenseData, DownstreamData
 
-__all__ = ["DEFENSES", "DefenseData", "DefenseResult", "DownstreamData", "defense_level"]
+__all__ = ["DEFENSES", "Defense", "DefenseData", "DefenseResult", "DownstreamData", "defense_level"]

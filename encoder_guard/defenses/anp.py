@@ -17,18 +17,18 @@ activations of a small clean labelled set.
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downstream.classifier import Classifier
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.errors import EncoderGuardError
+from encoder_guard.threats import DownstreamData
 
 
 class _Perturb:
@@ -43,7 +43,7 @@ class _Perturb:
         self.perturb = False
         self.handle = bn.register_forward_hook(self)
 
-    def __call__(self, bn: nn.Module, inputs: tuple, y: Tensor) -> Tensor:
+    def __call__(self, bn: nn.BatchNorm2d, inputs: tuple, y: Tensor) -> Tensor:
         beta = bn.bias.view(1, -1, 1, 1)
         gain = self.mask + self.delta if self.perturb else self.mask
         shift = 1 + self.xi if self.perturb else torch.ones_like(self.xi)
@@ -51,7 +51,7 @@ class _Perturb:
 
 
 @DEFENSES.register("anp")
-class ANP:
+class ANP(Defense):
     """Args:
         layers: the tap after which the stages' BatchNorm channels are the neurons (default ``layer3``).
         eps: relative size of the adversarial perturbation; alpha: weight of the unperturbed loss.
@@ -61,18 +61,19 @@ class ANP:
     """
 
     level = "classifier"
-    uses_clean = True
+    needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, layers: str = "layer3", eps: float = 0.4, alpha: float = 0.2, steps: int = 300,
-                 lr: float = 0.2, batch_size: int = 128, threshold: float = 0.2, prune_ratio: float | None = None, seed: int = 0, device: str = "cpu") -> None:
+                 lr: float = 0.2, batch_size: int = 128, threshold: float = 0.2, prune_ratio: float | None = None,
+                 seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         self.layers, self.eps, self.alpha, self.steps, self.lr = layers, eps, alpha, steps, lr
-        self.batch_size, self.threshold, self.prune_ratio, self.seed, self.device = batch_size, threshold, prune_ratio, seed, device
+        self.batch_size, self.threshold, self.prune_ratio = batch_size, threshold, prune_ratio
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         if data.clean is None or len(data.clean) == 0:
             raise EncoderGuardError("ANP needs a small clean labelled set; set downstream.clean_fraction")
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf).eval()
         tail = Tail(clf, self.layers)
         h, y = tail.inputs(data.clean.images), data.clean.labels.long()
         for p in clf.parameters():
@@ -124,7 +125,4 @@ class ANP:
                 k.bn.weight[off] = 0
                 k.bn.bias[off] = 0
                 pruned += int(off.sum())
-        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "neurons": sum(k.bn.num_features for k in hooks), "pruned_neurons": pruned,
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(clf, report)
+        return clf, {"neurons": sum(k.bn.num_features for k in hooks), "pruned_neurons": pruned}

@@ -13,15 +13,15 @@ the defense a user can apply to a downloaded encoder before anything else.
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.encoders import Encoder
+from encoder_guard.threats import DefenseData
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
@@ -39,28 +39,30 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d
 @torch.no_grad()
 def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``(C_out,)`` UCLC: spectral norm of each output channel's kernel ``(C_in, kh·kw)`` times ``|γ|/σ``."""
+    assert bn.running_var is not None, "CLP reads BatchNorm's running statistics"
     gain = bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)
     w = conv.weight.flatten(2)  # (C_out, C_in/groups, kh*kw)
     return torch.linalg.matrix_norm(w, ord=2) * gain
 
 
 @DEFENSES.register("clp")
-class CLP:
+class CLP(Defense):
     """Args:
         u: pruning threshold in standard deviations above the layer's mean UCLC (the paper's default 3).
     """
 
     level = "encoder"
     uses_clean = False
+    needs = "no data: the weights alone"
 
     def __init__(self, u: float = 3.0, seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         if u <= 0:
             raise ValueError(f"u must be positive, got {u}")
-        self.u, self.seed, self.device = u, seed, device
+        self.u = u
 
-    def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:
-        t0 = time.perf_counter()
-        encoder = copy.deepcopy(encoder)
+    def defend(self, encoder: Encoder, data: DefenseData, out: Path | None,
+               resume: bool) -> tuple[Encoder, dict[str, Any]]:
         layers = {}
         with torch.no_grad():
             for name, conv, bn in conv_bn_pairs(encoder.backbone):
@@ -69,6 +71,4 @@ class CLP:
                 bn.weight[prune] = 0
                 bn.bias[prune] = 0
                 layers[name] = int(prune.sum())
-        report = {"hparams": {"u": self.u}, "data": data.usage(), "pruned_channels": layers,
-                  "pruned_total": sum(layers.values()), "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(encoder, report)
+        return encoder, {"pruned_channels": layers, "pruned_total": sum(layers.values())}

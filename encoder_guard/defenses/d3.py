@@ -25,22 +25,23 @@ Weights: ``layers = head`` changes only the linear head (the classifier's last l
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
+from typing import Any, Iterable, cast
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import trange
 
 from downstream.classifier import Classifier
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import Tail
 from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from encoder_guard.threats import DownstreamData
 
 
 @DEFENSES.register("d3")
-class D3:
+class D3(Defense):
     """Args:
         layers: ``head`` or the tap after which every stage (and the head) is detoxified.
         epsilon: the per-sample clean-loss bound (``None``: ``epsilon_scale`` × initial mean clean loss).
@@ -53,28 +54,29 @@ class D3:
     """
 
     level = "classifier"
+    needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, layers: str = "layer3", epsilon: float | None = None, epsilon_scale: float = 1.0,
                  penalty: float = 1.0, steps: int = 500, lr: float = 0.005, batch_size: int = 256, per_sample: bool = False,
                  dual_lr: float = 10.0, recover_steps: int = 600, seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         if penalty <= 0 or steps < 1 or lr <= 0:
             raise ValueError("penalty, steps and lr must be positive")
         self.layers, self.epsilon, self.epsilon_scale, self.penalty = layers, epsilon, epsilon_scale, penalty
-        self.steps, self.lr, self.batch_size, self.seed, self.device = steps, lr, batch_size, seed, device
+        self.steps, self.lr, self.batch_size = steps, lr, batch_size
         self.per_sample, self.dual_lr, self.recover_steps = per_sample, dual_lr, recover_steps
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("D3 needs a small clean labelled set; set data.clean_fraction (default 0.05)")
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf)
+            raise EncoderGuardError("D3 needs a small clean labelled set; set downstream.clean_fraction (default 0.05)")
         tail = Tail(clf, self.layers)
         h, y = tail.inputs(data.clean.images), data.clean.labels.long()
         tail.freeze_rest()
         weights = list(tail.parameters(weights_only=True))
         initial = [w.detach().clone() for w in weights]
         norms = [w.norm() for w in initial]
-        total_norm = torch.sqrt(sum(w0.pow(2).sum() for w0 in initial))
+        total_norm = torch.sqrt(_total(w0.pow(2).sum() for w0 in initial))
         penalty = self.penalty
         with torch.no_grad():
             loss0 = float(F.cross_entropy(tail.logits(h), y))
@@ -86,7 +88,7 @@ class D3:
             idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
             ce = F.cross_entropy(tail.logits(h[idx]), y[idx], reduction="none")
             if step < self.steps:  # distance phase: move away while the clean loss stays under ε
-                dist = torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
+                dist = torch.sqrt(_total((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
                 violation = F.relu(ce - eps).mean() if self.per_sample else F.relu(ce.mean() - eps)
                 loss = penalty * violation - dist
                 penalty = max(0.0, penalty + self.dual_lr * float(ce.detach().mean() - eps))  # dual ascent on λ
@@ -103,12 +105,13 @@ class D3:
             bar.set_postfix(ce=f"{ce.mean().item():.3f}", refresh=False)
         with torch.no_grad():
             loss1 = float(F.cross_entropy(tail.logits(h), y))
-            rel = float(torch.sqrt(sum((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
-                        / torch.sqrt(sum(w0.pow(2).sum() for w0 in initial)))
-        for p in clf.parameters():
-            p.requires_grad_(False)
-        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "epsilon": eps, "clean_loss_before": loss0, "clean_loss_after": loss1,
-                  "relative_weight_distance": rel, "weights": sum(w.numel() for w in weights),
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(clf, report)
+            rel = float(torch.sqrt(_total((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
+                        / torch.sqrt(_total(w0.pow(2).sum() for w0 in initial)))
+        report = {"epsilon": eps, "clean_loss_before": loss0, "clean_loss_after": loss1,
+                  "relative_weight_distance": rel, "weights": sum(w.numel() for w in weights)}
+        return clf, report
+
+
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """``sum(terms)`` (Python's, left to right from 0), typed as the tensor it is."""
+    return cast(Tensor, sum(terms))

@@ -1,74 +1,78 @@
-"""Distillation on clean unlabelled data: the loop behind MIMIC and its baselines.
+"""Distillation on clean unlabelled data: the losses and the loop behind MIMIC and its baselines.
 
-One loop, four families of defense, chosen by where the student starts, who teaches it and which losses
-are on (``encoder_guard.defenses.mimic`` and ``.baselines`` register them):
+One loop serves four defenses, which differ in where the student starts, who teaches it and which losses
+are on (:class:`Distillation` holds the switches; ``mimic.py`` and ``ssl_baselines.py`` register the four):
 
-- **MIMIC** ([0]): a student from random initialisation, taught by the given (possibly backdoored)
-  encoder with NT-Xent + clone loss + attention loss whose per-stage weights grow with the teacher's
-  per-stage mutual information with its final features.
-- **SSL fine-tuning**: the given encoder itself, NT-Xent only.
-- **Plain distillation**: a random student, clone loss only.
-- **NAD** ([1]), SSL version: the teacher is the given encoder after SSL fine-tuning; the student is the
-  given encoder, trained with NT-Xent + attention loss (uniform stage weights).
+- **MIMIC**: a student from random initialisation, taught by the given (possibly backdoored) encoder with
+  NT-Xent + clone loss + attention loss whose per-stage weights grow with the teacher's per-stage mutual
+  information with its final features;
+- **SSL fine-tuning**: the given encoder itself, NT-Xent only;
+- **plain distillation**: a random student, clone loss only;
+- **NAD**, SSL version: the teacher is the given encoder after SSL fine-tuning; the student is the given
+  encoder, trained with NT-Xent + attention loss (uniform stage weights).
 
 Losses on two augmented views ``v`` of each clean image (student ``s``, teacher ``t``, frozen; with
 ``teacher_views`` the second view is drawn from them and the clone and attention terms use it alone):
 
-- NT-Xent on a fresh SimCLR projection head of the student (lightly's ``NTXentLoss``);
-- clone ``1 − cos(s(v), t(v))``, averaged over views; with ``clone_space="standardised"`` both features
-  are first z-scored per dimension by the teacher's mean and standard deviation over the clean images
-  (unaugmented, computed once). On raw features the cosine is dominated by the teacher's few
-  high-variance dimensions and the mean they share; the student matched them (cos 0.945) but came out
-  with a lower effective rank than its teacher (37.5 against 55.8), which kNN feels more than a linear
-  probe does. Standardising makes every teacher dimension count (benchmarks/RESULTS.md, "MIMIC since session 22");
-- attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions,
-  the activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
+- NT-Xent ([3]) on a fresh SimCLR projection head of the student (lightly's ``NTXentLoss``);
+- clone ``1 − cos(s(v), t(v))``, averaged over views; with ``clone_space="standardised"`` both features are
+  first z-scored per dimension by the teacher's mean and standard deviation over the clean images
+  (unaugmented, computed once): on raw features the cosine is dominated by the teacher's few
+  high-variance dimensions, and a student that matched them (cos 0.945) came out with a lower effective
+  rank than its teacher (37.5 against 55.8), which kNN feels more than a linear probe does;
+- attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions, the
+  activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
 
-``student_noise`` (:class:`StudentNoise`) blends a share of the student's taught views with uniform noise while
-the teacher's stay clean, so the clone and attention losses teach the student to answer a noisy image as the
-teacher answers the clean one.
+``student_noise`` (:class:`StudentNoise`) blends a share of the student's taught views with uniform noise
+while the teacher's stay clean, so the clone and attention losses teach the student to answer a noisy image
+as the teacher answers the clean one.
 
 The student trains in train mode (its BatchNorm statistics are learned from the clean data); the teacher
-stays in eval mode. Views use ``pretrain.augment`` so they match the pretraining recipe.
+stays in eval mode. Views use :mod:`encoder_guard.augment`, the pretraining recipe's batched augmentation.
+:class:`encoder_guard.training.TrainLoop` runs the steps: cosine learning rate to 0, checkpoints, NaN guard,
+bf16 autocast where the hardware runs it natively (``Schedule.precision``; every loss in fp32), the
+exponential moving average of the student returned in its place (``Schedule.ema``), and DDP under
+``torchrun``. ``Schedule.channels_last`` runs student and teacher in NHWC layout (on a 2-core CPU in fp32,
+the fmnist-tiny student's forward and backward on 256 images take 0.36 s instead of 0.44 s); the returned
+student is back in the default layout, which is what checkpoints store.
 
-``Schedule.channels_last`` runs student and teacher in NHWC layout, as pretraining does (on a 2-core CPU in
-fp32, the fmnist-tiny student's forward and backward on 256 images took 0.36 s instead of 0.44 s, the
-teacher's forward on 128 0.033 s instead of 0.05 s). The returned student is back in the default layout,
-which is what checkpoints store. ``Schedule.precision`` (``auto``, ``fp32``, ``bf16``) runs student, head and
-teacher under bf16 autocast and every loss in fp32, as pretraining does; ``auto`` picks bf16 only where the
-hardware runs it natively, so a defense's share of the pretraining time compares like with like (benchmarks/RESULTS.md).
-
-``Schedule.ema`` > 0 returns, instead of the last weights, their exponential moving average (weights and
-BatchNorm statistics, torch's ``AveragedModel``): on MIMIC a slower average trades clean accuracy for a
-lower trigger response: the more early weights the average holds, the lower the ASR (benchmarks/RESULTS.md).
-
-- [0] Mutual Information Guided Backdoor Mitigation for Pre-Trained Encoders, Han et al., IEEE TIFS 2025
-- [1] Neural Attention Distillation, Li et al., ICLR 2021, https://arxiv.org/abs/2101.05930
-- [2] Paying More Attention to Attention, Zagoruyko and Komodakis, ICLR 2017, https://arxiv.org/abs/1612.03928
+- [0] Mutual Information Guided Backdoor Mitigation for Pre-trained Encoders, Tingxu Han, Weisong Sun, Ziqi
+  Ding, Chunrong Fang, Hanwei Qian, Jiaxun Li, Zhenyu Chen and Xiangyu Zhang, IEEE Transactions on Information
+  Forensics and Security (TIFS) 2025, arXiv 2406.03508
+- [1] Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks, Yige Li et al.,
+  ICLR 2021, arXiv 2101.05930
+- [2] Paying More Attention to Attention, Sergey Zagoruyko and Nikos Komodakis, ICLR 2017, arXiv 1612.03928
+- [3] A Simple Framework for Contrastive Learning of Visual Representations, Ting Chen et al., ICML 2020,
+  arXiv 2002.05709
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
-from encoder_guard.checkpointing import SaveOnInterrupt, load_state, save_state
-from encoder_guard.encoders import Encoder
-from encoder_guard.errors import CheckpointError, TrainingDivergedError
+from encoder_guard.augment import ViewConfig, augment
+from encoder_guard.defenses.base import Defense
+from encoder_guard.encoders import Encoder, load_encoder, save_encoder
+from encoder_guard.mi import build_estimator
+from encoder_guard.mi.layers import layer_mutual_information, mi_weights
 from encoder_guard.runs import get_logger
-from encoder_guard.utils import PRECISIONS, autocast, resolve_precision, step_generator
-from pretrain.augment import ViewConfig, augment
+from encoder_guard.threats import DefenseData
+from encoder_guard.training import Step, TrainLoop, cosine_lr, init_distributed
+from encoder_guard.utils import PRECISIONS, autocast, resolve_precision, seeded_choice, step_generator
+
+TAPS = ("layer1", "layer2", "layer3", "layer4")
+CLONE_SPACES = ("raw", "standardised")
 
 
 def attention_map(feature: Tensor) -> Tensor:
@@ -77,14 +81,13 @@ def attention_map(feature: Tensor) -> Tensor:
 
 
 def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ_l w_l · mean_b ‖a(s_l) − a(t_l)‖²`` over paired stage maps."""
     terms = [w * (attention_map(s) - attention_map(t)).pow(2).sum(dim=1).mean() for s, t, w in zip(student, teacher, weights)]
     return torch.stack(terms).sum()
 
 
-CLONE_SPACES = ("raw", "standardised")
-
-
 def clone_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """``mean_b (1 − cos(s_b, t_b))`` over ``(B, D)`` features."""
     return (1 - F.cosine_similarity(student, teacher, dim=1)).mean()
 
 
@@ -95,8 +98,8 @@ class LossWeights:
     ssl: float = 1.0
     clone: float = 1.0
     attention: float = 1.0
-    taps: list[str] = field(default_factory=lambda: ["layer1", "layer2", "layer3", "layer4"])
-    stages: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    taps: list[str] = field(default_factory=lambda: list(TAPS))
+    stages: list[float] = field(default_factory=lambda: [1.0] * len(TAPS))
 
     def __post_init__(self) -> None:
         if min(self.ssl, self.clone, self.attention) < 0:
@@ -109,17 +112,17 @@ class LossWeights:
 
 @dataclass
 class Schedule:
+    """The optimisation: Adam with a cosine rate to 0 over ``epochs``, batches of ``batch_size`` clean images."""
+
     epochs: int = 40
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
     temperature: float = 0.5
-    seed: int = 0
     checkpoint_every: int = 5
     ema: float = 0.0
     channels_last: bool = True
     precision: str = "auto"
-    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
@@ -137,10 +140,8 @@ class StudentNoise:
 
     The clone and attention losses then ask the student to answer a noisy image as the teacher answers the
     clean one, so the student learns to ignore low-amplitude noise patterns, and a blended-noise trigger is
-    one (an addition to MIMIC, after the augmentation defenses of Borgnia et al., ICASSP 2021,
-    https://arxiv.org/abs/2011.09527; benchmarks/RESULTS.md, "MIMIC since session 25"). A quarter of the views closes a
-    blended-noise and a CTRL trigger's leak; half of them costs clean kNN accuracy (benchmarks/RESULTS.md, "MIMIC since
-    session 26").
+    one (after the augmentation defenses of Borgnia et al., "Strong Data Augmentation Sanitizes Poisoning and
+    Backdoor Attacks Without an Accuracy Tradeoff", ICASSP 2021, arXiv 2011.09527).
     """
 
     alpha: float = 0.0
@@ -149,6 +150,10 @@ class StudentNoise:
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1 or not 0 <= self.p <= 1:
             raise ValueError(f"student noise alpha and p must be in [0, 1], got {self.alpha} and {self.p}")
+
+    @property
+    def active(self) -> bool:
+        return self.alpha * self.p > 0
 
     def __call__(self, v: Tensor, g: torch.Generator) -> Tensor:
         b = v.shape[0]
@@ -159,12 +164,18 @@ class StudentNoise:
 
 
 class Student(nn.Module):
-    """The encoder being trained plus the projection head NT-Xent needs (dropped afterwards)."""
+    """The encoder being trained, the stage maps its attention loss reads, and the projection head NT-Xent
+    needs (dropped afterwards). One ``forward`` computes all three, so DDP sees every trained parameter."""
 
-    def __init__(self, encoder: Encoder) -> None:
+    def __init__(self, encoder: Encoder, taps: Sequence[str], head: bool) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = SimCLRProjectionHead(encoder.feature_dim, 512, 128)
+        self.encoder, self.taps = encoder, list(taps)
+        self.head = SimCLRProjectionHead(encoder.feature_dim, 512, 128) if head else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        feats, maps = self.encoder.forward_intermediates(x, self.taps) if self.taps else (self.encoder(x), [])
+        z = self.head(feats).float() if self.head is not None else None
+        return feats, maps, z
 
 
 def distill(
@@ -180,130 +191,93 @@ def distill(
     teacher_views: ViewConfig | None = None,
     clone_space: str = "raw",
     student_noise: StudentNoise | None = None,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> list[dict[str, float]]:
     """Train ``student`` in place on ``images`` (uint8 N×C×H×W); returns per-epoch mean losses.
 
     ``clone_space`` is ``raw`` or ``standardised`` (the clone loss on features z-scored by the teacher's
-    statistics over ``images``).
-
-    ``teacher`` may be ``None`` only when the clone and attention weights are 0. With ``teacher_views``
-    the second view of each image is drawn from it, and the teacher's losses see only that view.
+    statistics over ``images``). ``teacher`` may be ``None`` only when the clone and attention weights are 0.
+    With ``teacher_views`` the second view of each image is drawn from it, and the teacher's losses see only
+    that view. Under ``torchrun`` every process trains on its share of each batch.
     """
-    log = get_logger()
     if teacher is None and (weights.clone > 0 or weights.attention > 0):
         raise ValueError("the clone and attention losses need a teacher")
     if clone_space not in CLONE_SPACES:
         raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
-    device = torch.device(schedule.device)
-    precision = resolve_precision(schedule.precision, device)
+    dev = torch.device(device)
+    info = init_distributed(device)
+    precision = resolve_precision(schedule.precision, dev)
     layout = torch.channels_last if schedule.channels_last else torch.contiguous_format
+    use_maps = weights.attention > 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(schedule.seed)  # the projection head's initialisation
-        model = Student(student).to(device, memory_format=layout).train()
+        torch.manual_seed(seed)  # the projection head's initialisation
+        model = Student(student, weights.taps if use_maps else [], head=weights.ssl > 0)
+    model = model.to(dev, memory_format=layout).train()  # type: ignore[call-overload]
+    for p in model.parameters():
+        p.requires_grad_(True)
     if teacher is not None:
-        teacher = teacher.to(device, memory_format=layout).eval()
+        teacher = teacher.to(dev, memory_format=layout).eval()  # type: ignore[call-overload]
         for p in teacher.parameters():
             p.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     n = len(images)
     bs = min(schedule.batch_size, n)
-    steps = max(1, n // bs)
-    total = schedule.epochs * steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))  # cosine to 0
-    ntxent = NTXentLoss(temperature=schedule.temperature)
-    ema = None  # an exponential moving average of the student's weights and BatchNorm statistics, returned in its place
-    if schedule.ema > 0:
-        ema = AveragedModel(model.encoder, multi_avg_fn=get_ema_multi_avg_fn(schedule.ema), use_buffers=True)
-    taps = list(weights.taps)
-    use_maps = weights.attention > 0
-    start, history = 0, []
-    if resume and checkpoint.exists():
-        state = load_state(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = state["epoch"], list(state["history"])
-        if ema is not None:
-            if "ema" not in state:
-                raise CheckpointError(f"{checkpoint} was saved without an EMA student; resume with the ema it was started with "
-                                      "(schedule.ema=0) or start a new run")
-            ema.load_state_dict(state["ema"])
-        log.info(f"{desc}: resuming at epoch {start + 1}/{schedule.epochs}")
-    second_views = teacher_views or views
-    shift, scale = 0.0, 1.0
-    if weights.clone > 0 and clone_space == "standardised":  # a teacher pass only when the clone loss is on
-        with torch.no_grad(), autocast(device, precision):
-            chunks = (images[i : i + 512].to(device).float().div(255) for i in range(0, len(images), 512))
+    total = schedule.epochs * max(1, n // bs)
+    ntxent = NTXentLoss(temperature=schedule.temperature, gather_distributed=True)
+    shift: Tensor | float = 0.0
+    scale: Tensor | float = 1.0
+    if teacher is not None and weights.clone > 0 and clone_space == "standardised":
+        with torch.no_grad(), autocast(dev, precision):
+            chunks = (images[i : i + 512].to(dev).float().div(255) for i in range(0, len(images), 512))
             t_all = torch.cat([teacher(x.contiguous(memory_format=layout)).float() for x in chunks])
         shift, scale = t_all.mean(0), t_all.std(0).clamp_min(1e-6)  # the teacher's, on the clean images
-    taught = slice(bs, None) if teacher_views is not None else slice(None)  # the views the teacher's losses see
-    log.info(f"{desc}: {schedule.epochs} epochs × {steps} steps of {bs} on {device}, {precision}")
-    bar = tqdm(total=total, initial=start * steps, desc=desc, unit="step", mininterval=1.0)
-    epoch = start
+    second_views = teacher_views or views
+    noise = student_noise if student_noise is not None and student_noise.active and teacher is not None else None
+    taps = weights.taps if use_maps else []
+    loop = TrainLoop(model, opt, epochs=schedule.epochs, batch_size=bs, seed=seed, checkpoint=checkpoint,
+                     checkpoint_every=schedule.checkpoint_every, lr=lambda s: cosine_lr(s, total, schedule.lr),
+                     precision=precision, device=dev, ema=schedule.ema, ema_of=model.encoder, desc=desc,
+                     advice=f"lower the learning rate (defense.schedule.lr, now {schedule.lr})", info=info)
+
+    def step(rows: Tensor, at: Step) -> tuple[Tensor, dict[str, float]]:
+        x = images[rows].to(dev).float().div_(255)
+        # on CPU the views draw from the epoch's generator, after the data order; elsewhere from one per step
+        g = at.generator if dev.type == "cpu" else step_generator(seed, 1 + at.epoch, at.step, device=dev)
+        v = torch.cat([augment(x, views, g), augment(x, second_views, g)]).contiguous(memory_format=layout)
+        taught = slice(len(x), None) if teacher_views is not None else slice(None)  # the views the teacher sees
+        v_s = v  # the student's input: the taught views noised where asked, the teacher's kept clean
+        if noise is not None:
+            v_s = v.clone()
+            v_s[taught] = noise(v[taught], g)
+        with loop.autocast():  # the networks in bf16 where native; every loss in fp32
+            feats, maps, z = loop.module(v_s)
+            if teacher is not None:
+                with torch.no_grad():
+                    seen = v[taught]
+                    t_feats, t_maps = teacher.forward_intermediates(seen, taps) if use_maps else (teacher(seen), [])
+        feats, maps = feats.float(), [m.float() for m in maps]
+        parts: dict[str, Tensor] = {}
+        if z is not None:
+            parts["ssl"] = ntxent(z[: len(x)], z[len(x) :])
+        if teacher is not None:
+            t_feats, t_maps = t_feats.float(), [m.float() for m in t_maps]
+            if weights.clone > 0:
+                parts["clone"] = clone_loss((feats[taught] - shift) / scale, (t_feats - shift) / scale)
+            if use_maps:
+                parts["attention"] = attention_loss([m[taught] for m in maps], t_maps, weights.stages)
+        loss = sum(getattr(weights, k) * term for k, term in parts.items())
+        assert isinstance(loss, Tensor)
+        return loss, {k: val.item() for k, val in parts.items()}
+
+    get_logger().info(f"{desc}: {schedule.epochs} epochs × {max(1, n // bs)} steps of {bs} on {dev}, {precision}, "
+                      f"{info.world} process(es)")
     try:
-        with SaveOnInterrupt():
-            for epoch in range(start, schedule.epochs):
-                g = step_generator(schedule.seed, epoch)
-                perm = torch.randperm(n, generator=g)
-                # CUDA draws need a CUDA generator; on CPU order and views share one stream, as they always have
-                g_views = g if device.type == "cpu" else step_generator(schedule.seed, 1 + epoch, device=device)
-                sums: dict[str, float] = {}
-                for i in range(steps):
-                    x = images[perm[i * bs : (i + 1) * bs]].to(device).float().div_(255)
-                    v = torch.cat([augment(x, views, g_views), augment(x, second_views, g_views)])
-                    v = v.contiguous(memory_format=layout)
-                    v_s = v  # the student's input: the taught views noised where asked, the teacher's kept clean
-                    if student_noise is not None and student_noise.alpha * student_noise.p > 0 and teacher is not None:
-                        v_s = v.clone()
-                        v_s[taught] = student_noise(v[taught], g_views)
-                    with autocast(device, precision):  # the networks in bf16 where native; every loss in fp32
-                        feats, maps = model.encoder.forward_intermediates(v_s, taps) if use_maps else (model.encoder(v_s), [])
-                        z = model.head(feats).float() if weights.ssl > 0 else None
-                        if teacher is not None:
-                            with torch.no_grad():
-                                seen = v[taught]
-                                t_feats, t_maps = teacher.forward_intermediates(seen, taps) if use_maps else (teacher(seen), [])
-                    feats, maps = feats.float(), [m.float() for m in maps]
-                    parts: dict[str, Tensor] = {}
-                    if z is not None:
-                        parts["ssl"] = ntxent(z[: len(x)], z[len(x) :])
-                    if teacher is not None:
-                        t_feats, t_maps = t_feats.float(), [m.float() for m in t_maps]
-                        if weights.clone > 0:
-                            parts["clone"] = clone_loss((feats[taught] - shift) / scale, (t_feats - shift) / scale)
-                        if use_maps:
-                            parts["attention"] = attention_loss([m[taught] for m in maps], t_maps, weights.stages)
-                    loss = sum(getattr(weights, k) * term for k, term in parts.items())
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower lr (now {schedule.lr})")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    if ema is not None:
-                        ema.update_parameters(model.encoder)
-                    for k, val in parts.items():
-                        sums[k] = sums.get(k, 0.0) + val.item() / steps
-                    bar.update(1)
-                    bar.set_postfix(epoch=f"{epoch + 1}/{schedule.epochs}", loss=f"{loss.item():.3f}", refresh=False)
-                history.append({"epoch": epoch + 1, **sums})
-                if (epoch + 1) % schedule.checkpoint_every == 0 or epoch + 1 == schedule.epochs:
-                    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}
-                    if ema is not None:
-                        state["ema"] = ema.state_dict()
-                    save_state(checkpoint, state)
-                    log.info(f"{desc}: epoch {epoch + 1}/{schedule.epochs} " + " ".join(f"{k} {v:.4f}" for k, v in sums.items()))
-    except KeyboardInterrupt:
-        log.info(f"{desc}: interrupted; {checkpoint} holds the last saved epoch; continue with --resume")
-        raise
+        history = loop.run(step, n, resume=resume)
     finally:
-        bar.close()
         if teacher is not None:
             teacher.to(memory_format=torch.contiguous_format)
-    if ema is not None:
-        model.encoder.load_state_dict(ema.module.state_dict())
-    model.encoder.cpu().to(memory_format=torch.contiguous_format).eval()
+    student.cpu().to(memory_format=torch.contiguous_format).eval()
     return history
 
 
@@ -314,3 +288,148 @@ def fresh_copy(encoder: Encoder, seed: int) -> Encoder:
         student = Encoder(copy.deepcopy(encoder.spec))
     student.spec.provenance = {}
     return student
+
+
+class Distillation(Defense):
+    """A student distilled on clean unlabelled data: the settings MIMIC and its baselines share.
+
+    Args:
+        student_init: ``random`` (a fresh copy of the architecture) or ``copy`` (the given encoder).
+        teacher: ``given`` (the encoder as it is) or ``finetuned`` (after ``teacher_epochs`` of SSL
+            fine-tuning on the same clean data, as NAD does).
+        teacher_epochs: SSL fine-tuning epochs of a ``finetuned`` teacher.
+        ssl / clone / attention: loss weights.
+        stage_weights: ``mi`` (proportional to the teacher's per-stage MI, mean 1) or ``uniform``.
+        taps: stages whose attention is distilled.
+        mi: estimator settings: ``estimator`` (mine | infonce | gaussian), ``samples`` (clean images used),
+            ``pool`` (cells per side each map is pooled to) and the estimator's own arguments.
+        schedule: :class:`Schedule` fields (epochs, batch_size, lr, weight_decay, temperature,
+            checkpoint_every, ema, channels_last, precision).
+        augment: view augmentation (:class:`encoder_guard.augment.ViewConfig` fields).
+        teacher_augment: overrides of ``augment`` for the second view, which is then the only view the
+            teacher's losses see (``None``: both views drawn from ``augment``, both taught).
+        clone_space: ``raw`` or ``standardised`` (see the module docstring).
+        student_noise: ``alpha`` and ``p`` of :class:`StudentNoise` (``alpha: 0``: off).
+
+    Nested settings (``mi``, ``schedule``, ``augment``, ``teacher_augment``, ``student_noise``) are merged
+    over the class's own, so ``schedule: {epochs: 10}`` changes the epochs alone.
+    """
+
+    needs = "5% clean unlabelled images"
+    mi_defaults: ClassVar[dict[str, Any]] = {"estimator": "mine", "samples": 2000, "pool": 2, "steps": 500}
+    augment_defaults: ClassVar[dict[str, Any]] = {"crop_scale": [0.2, 1.0], "hflip_p": 0.5, "jitter_p": 0.8,
+                                                  "brightness": 0.4, "contrast": 0.4, "saturation": 0.0,
+                                                  "grayscale_p": 0.0}
+
+    def __init__(
+        self,
+        student_init: str = "random",
+        teacher: str = "given",
+        teacher_epochs: int = 0,
+        ssl: float = 1.0,
+        clone: float = 1.0,
+        attention: float = 1.0,
+        stage_weights: str = "mi",
+        taps: Sequence[str] = TAPS,
+        mi: dict[str, Any] | None = None,
+        schedule: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
+        teacher_augment: dict[str, Any] | None = None,
+        clone_space: str = "raw",
+        student_noise: dict[str, Any] | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(seed, device)
+        if student_init not in ("random", "copy"):
+            raise ValueError(f"student_init must be 'random' or 'copy', not {student_init!r}")
+        if teacher not in ("given", "finetuned"):
+            raise ValueError(f"teacher must be 'given' or 'finetuned', not {teacher!r}")
+        if teacher == "finetuned" and teacher_epochs < 1:
+            raise ValueError("a finetuned teacher needs teacher_epochs >= 1")
+        if clone_space not in CLONE_SPACES:
+            raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
+        if stage_weights not in ("mi", "uniform"):
+            raise ValueError(f"stage_weights must be 'mi' or 'uniform', not {stage_weights!r}")
+        self.student_init, self.teacher, self.teacher_epochs = student_init, teacher, teacher_epochs
+        self.ssl, self.clone, self.attention, self.stage_weights = ssl, clone, attention, stage_weights
+        self.taps, self.clone_space = list(taps), clone_space
+        self.mi = {**self.mi_defaults, **(mi or {})}
+        self.schedule = asdict(_build(Schedule, schedule, "schedule"))
+        self.augment = {**self.augment_defaults, **(augment or {})}
+        self.teacher_augment = None if teacher_augment is None else dict(teacher_augment)
+        self.student_noise = asdict(_build(StudentNoise, student_noise, "student_noise"))
+        self._weights = LossWeights(ssl, clone, attention, self.taps, [1.0] * len(self.taps))
+        self._schedule = Schedule(**self.schedule)
+        self._views = _build(ViewConfig, self.augment, "augment")
+        self._teacher_views = (None if teacher_augment is None
+                               else _build(ViewConfig, {**self.augment, **teacher_augment}, "teacher_augment"))
+
+    def stage_mi(self, teacher: Encoder, data: DefenseData) -> list[dict[str, Any]]:
+        """Per-stage MI of the teacher on clean images (no augmentation)."""
+        assert data.clean is not None
+        opts = dict(self.mi)
+        name, samples, pool = opts.pop("estimator"), int(opts.pop("samples")), int(opts.pop("pool"))
+        idx = seeded_choice(torch.arange(len(data.clean)), samples, self.seed)
+        images = data.clean.images[idx].float().div(255)
+        estimator = build_estimator(name, seed=self.seed, **opts)
+        return [r.to_dict() for r in layer_mutual_information(teacher, images, estimator, self.taps, pool)]
+
+    def defend(self, encoder: Encoder, data: DefenseData, out: Path | None,
+               resume: bool) -> tuple[nn.Module, dict[str, Any]]:
+        if data.clean is None:
+            raise ValueError("distillation needs clean images")
+        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
+            with tempfile.TemporaryDirectory() as tmp:
+                return self.defend(encoder, data, Path(tmp), False)
+        log = get_logger()
+        report: dict[str, Any] = {}
+        teacher = encoder
+        if self.teacher == "finetuned":
+            teacher = self._finetuned_teacher(encoder, data, out, resume)
+        stages = [1.0] * len(self.taps)
+        if self.attention > 0 and self.stage_weights == "mi":
+            t_mi = time.perf_counter()
+            per_stage = self.stage_mi(teacher, data)
+            stages = mi_weights([s["mi"] for s in per_stage], "mi")
+            report["stage_mi"] = per_stage
+            report["mi_seconds"] = time.perf_counter() - t_mi
+            log.info("stage MI (nats): " + ", ".join(f"{s['tap']} {s['mi']:.3f}" for s in per_stage))
+        weights = replace(self._weights, stages=stages)
+        report["stage_weights"] = dict(zip(self.taps, stages))
+        student = fresh_copy(encoder, self.seed) if self.student_init == "random" else copy.deepcopy(encoder)
+        needs_teacher = self.clone > 0 or self.attention > 0
+        report["history"] = distill(student, teacher if needs_teacher else None, data.clean.images, weights,
+                                    self._schedule, self._views, out / "checkpoints" / "student.pt", resume,
+                                    desc="defend", teacher_views=self._teacher_views, clone_space=self.clone_space,
+                                    student_noise=StudentNoise(**self.student_noise), seed=self.seed, device=self.device)
+        student.spec.provenance = dict(encoder.spec.provenance)
+        report["precision"] = resolve_precision(self._schedule.precision, torch.device(self.device))
+        return student, report
+
+    def _finetuned_teacher(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool) -> Encoder:
+        assert data.clean is not None
+        path = out / "teacher.safetensors"
+        if resume and path.exists():
+            return load_encoder(path).eval()
+        teacher = copy.deepcopy(encoder)
+        sched = replace(self._schedule, epochs=self.teacher_epochs)
+        distill(teacher, None, data.clean.images, LossWeights(1.0, 0.0, 0.0, [], []), sched, self._views,
+                out / "checkpoints" / "teacher.pt", resume, desc="teacher", seed=self.seed, device=self.device)
+        if init_distributed(self.device).main:
+            save_encoder(teacher, path)
+        return teacher.eval()
+
+
+def _build(cls: Any, settings: dict[str, Any] | None, name: str) -> Any:
+    """``cls(**settings)``, with an unknown key named together with the valid ones."""
+    try:
+        return cls(**(settings or {}))
+    except TypeError as exc:
+        valid = ", ".join(f.name for f in cls.__dataclass_fields__.values())
+        raise ValueError(f"{name}: {exc}; its keys: {valid}") from exc
+
+
+def merged(defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    """``defaults`` with ``given``'s keys over them (a subclass's nested preset under the caller's settings)."""
+    return {**defaults, **(given or {})}

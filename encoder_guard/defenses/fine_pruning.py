@@ -12,22 +12,22 @@ start (and at most ``max_ratio`` of them); the head is then fine-tuned on the cl
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from downstream.classifier import Classifier
 from downstream.features import cached_features
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import HeadTuner
 from encoder_guard.errors import EncoderGuardError
+from encoder_guard.threats import DownstreamData
 
 
 @DEFENSES.register("fine-pruning")
-class FinePruning:
+class FinePruning(Defense):
     """Args:
         max_drop: the largest clean-accuracy loss (fraction) pruning may cause.
         max_ratio: the largest share of channels pruned.
@@ -36,22 +36,19 @@ class FinePruning:
     """
 
     level = "classifier"
-    uses_clean = True
+    needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, max_drop: float = 0.05, max_ratio: float = 0.9, step: int = 4, epochs: int = 30,
                  lr: float = 0.01, weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0,
                  device: str = "cpu") -> None:
+        super().__init__(seed, device)
         self.max_drop, self.max_ratio, self.step = max_drop, max_ratio, step
         self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
-        self.seed, self.device = seed, device
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         if data.clean is None or len(data.clean) == 0:
             raise EncoderGuardError("fine-pruning needs a small clean labelled set; set downstream.clean_fraction")
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf).eval()
-        for p in clf.parameters():
-            p.requires_grad_(False)
         head = clf.head
         f = cached_features(clf.encoder, data.clean, device=self.device)
         y = data.clean.labels.long()
@@ -82,8 +79,5 @@ class FinePruning:
         with torch.no_grad():
             tuner.layer.weight.mul_(alive)
         tuner.commit()
-        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "pruned_channels": pruned, "channels": int(len(order)), "clean_acc_start": start,
-                  "clean_acc_pruned": after_pruning, "clean_acc_final": acc(),
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(clf, report)
+        return clf, {"pruned_channels": pruned, "channels": int(len(order)), "clean_acc_start": start,
+                     "clean_acc_pruned": after_pruning, "clean_acc_final": acc()}

@@ -57,9 +57,7 @@ of its poisoned samples through step 1 and 97% ASR (benchmarks/RESULTS.md, "BadN
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +70,10 @@ from torch import Tensor, nn
 
 from downstream.classifier import Classifier
 from downstream.features import cached_features
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
-from encoder_guard.defenses.downstream import selection_quality
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import HeadTuner, fit_minibatches
 from encoder_guard.mi.base import standardise
+from encoder_guard.threats import DownstreamData
 
 
 def symmetric_cross_entropy(logits: Tensor, y: Tensor, alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0) -> Tensor:
@@ -175,26 +173,6 @@ def spread_classes(y: Tensor, pred: Tensor, num_classes: int, floor: float = 0.0
     return flagged.tolist(), [round(v, 4) for v in typical.tolist()]
 
 
-def one_sided_classes(y: Tensor, pred: Tensor, num_classes: int, ratio: float = 3.0,
-                      floor: float = 0.005) -> tuple[list[int], list[int]]:
-    """The test of sessions 16–22: classes whose disagreements are one-sided towards most other classes.
-
-    Natural confusions go both ways (shirt ↔ T-shirt, sneaker ↔ sandal), relabelling goes one way. A cell
-    is *one-sided* when ``n[c, k] > ratio · n[k, c] + floor · n_c``; a class is flagged when at least half
-    of the other classes' cells in its row are. It misses a target that is confusable both ways with
-    several classes (pullover, dress, shirt) and flags bag beside some targets (benchmarks/RESULTS.md); kept for
-    comparison. Returns the flagged classes and each row's count of one-sided cells.
-    """
-    n = _disagreements(y, pred, num_classes)
-    sizes = torch.bincount(y, minlength=num_classes).float()
-    one_sided = (n > ratio * n.T + floor * sizes[:, None]).sum(1)
-    flagged = (one_sided >= (num_classes - 1) / 2).nonzero().flatten()
-    return flagged.tolist(), one_sided.long().tolist()
-
-
-FLAG_TESTS = {"spread": spread_classes, "one-sided": one_sided_classes}
-
-
 def signature_suspects(feats: Tensor, y: Tensor, pred: Tensor, target: int, rounds: int = 3, epochs: int = 30,
                        seed: int = 0) -> Tensor:
     """Mask of the samples labelled ``target`` that carry the trigger's feature signature.
@@ -283,51 +261,58 @@ def keep_lowest(scores: Tensor, y: Tensor, share: float) -> Tensor:
     return torch.cat(kept).sort().values
 
 
+def selection_quality(kept: Tensor, poisoned: Tensor | None, n: int) -> dict[str, Any]:
+    """How well the kept-as-clean set avoided the known poisoned samples (reported, never used by the defense)."""
+    if poisoned is None or len(poisoned) == 0:
+        return {"kept": int(len(kept)), "of": n}
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[poisoned] = True
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[kept] = True
+    removed = ~keep
+    caught = int((removed & bad).sum())
+    return {"kept": int(keep.sum()), "of": n, "poisoned": int(bad.sum()), "poisoned_kept": int((keep & bad).sum()),
+            "clean_precision": float((keep & ~bad).sum() / keep.sum().clamp_min(1)),
+            "poison_recall": caught / int(bad.sum()),
+            "removed_precision": caught / max(1, int(removed.sum()))}
+
+
 @DEFENSES.register("pad-ft")
-class PADFT:
+class PADFT(Defense):
     """Args:
         keep: share of each class kept as most-likely clean.
         score_epochs / score_lr: the SCE scorer's training (Adam, minibatches of 512).
         sce_alpha / sce_beta: SCE's CE and RCE weights.
         clip_quantile: activation bounds from the kept features' ``[1 − q, q]`` quantiles (1.0: min/max;
             ``None``: no clipping).
-        epochs / lr / weight_decay / batch_size: fine-tuning of the last layer (Adam).
-        lr_schedule: ``cosine`` (anneal the rate to 0, since session 23) or ``constant`` (before).
+        epochs / lr / weight_decay / batch_size: fine-tuning of the last layer (Adam, the rate annealed to 0).
         consistency: weight of the consistency term; ``mask``: share of dimensions masked for it.
         reinit: start the last layer from zero instead of the deployed weights.
         cluster_ratio: a class whose 2-means silhouette is at least this multiple of the median class's has
             its smaller cluster set aside before scoring (``None``: no cluster guard, PAD-FT as published).
-        second_pass: keep, instead, every sample whose label a second scorer — trained only on the first
-            selection — predicts. A share per class cannot be right for the target class (relabelled samples
-            inflate it), and the lowest-loss share alone starves the head of hard clean samples.
-        drop: with ``second_pass``, whose disagreed-with samples go: ``relabelled`` (the default) only those
-            of the classes the ``flag`` test flags, or every class's if it flags none; ``all`` every class's
-            (up to session 15: it drops the hard clean samples of every class too, which cost 4–5 points).
-        flag: the test that finds the target under ``drop: relabelled``: ``spread`` (:func:`spread_classes`,
-            since session 23) or ``one-sided`` (:func:`one_sided_classes`, sessions 16–22).
-        signature_rounds: under ``drop: relabelled``, rounds of :func:`signature_suspects` in each flagged
-            class (0: off, the preset until session 22).
-        hidden_sources: under ``drop: relabelled``, also drop the flagged class's samples that
-            :func:`hidden_sources` traces to a source class with too few disagreements (since session 24).
+        second_pass: a second scorer, trained only on the first selection, labels every sample; in the classes
+            :func:`spread_classes` flags (every class when it flags none) the samples it disagrees with are
+            dropped, and every other sample is kept. A share per class cannot be right for the target class
+            (relabelled samples inflate it), and the lowest-loss share alone starves the head of hard clean
+            samples. ``False``: the first selection alone, as published.
+        signature_rounds: with ``second_pass``, rounds of :func:`signature_suspects` in each flagged class
+            (0: off).
+        hidden_sources: with ``second_pass``, also drop the flagged class's samples that :func:`hidden_sources`
+            traces to a source class with too few disagreements.
     """
 
     level = "classifier"
     uses_clean = False
+    needs = "the (possibly poisoned) labelled training set only"
 
     def __init__(self, keep: float = 0.5, score_epochs: int = 1, score_lr: float = 0.01, sce_alpha: float = 0.1,
                  sce_beta: float = 1.0, clip_quantile: float | None = 0.999, epochs: int = 20, lr: float = 0.01,
                  weight_decay: float = 1e-3, batch_size: int = 512, consistency: float = 0.0, mask: float = 0.2,
-                 reinit: bool = False, second_pass: bool = True, drop: str = "relabelled",
-                 cluster_ratio: float | None = 1.6, signature_rounds: int = 3, flag: str = "spread",
-                 lr_schedule: str = "cosine", hidden_sources: bool = True, seed: int = 0, device: str = "cpu") -> None:
-        if lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', not {lr_schedule!r}")
-        if flag not in FLAG_TESTS:
-            raise ValueError(f"flag must be one of {sorted(FLAG_TESTS)}, not {flag!r}")
+                 reinit: bool = False, second_pass: bool = True, cluster_ratio: float | None = 1.6,
+                 signature_rounds: int = 3, hidden_sources: bool = True, seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         if signature_rounds < 0:
             raise ValueError(f"signature_rounds must be >= 0 (0: off), got {signature_rounds}")
-        if drop not in ("relabelled", "all"):
-            raise ValueError(f"drop must be 'relabelled' or 'all', not {drop!r}")
         if not 0 < keep <= 1:
             raise ValueError(f"keep must be in (0, 1], got {keep}")
         if cluster_ratio is not None and cluster_ratio <= 1:
@@ -337,44 +322,38 @@ class PADFT:
         self.keep, self.score_epochs, self.score_lr, self.sce_alpha, self.sce_beta = keep, score_epochs, score_lr, sce_alpha, sce_beta
         self.clip_quantile, self.epochs, self.lr, self.weight_decay = clip_quantile, epochs, lr, weight_decay
         self.batch_size, self.consistency, self.mask, self.reinit = batch_size, consistency, mask, reinit
-        self.second_pass, self.drop, self.cluster_ratio, self.seed, self.device = second_pass, drop, cluster_ratio, seed, device
-        self.signature_rounds, self.flag, self.lr_schedule = signature_rounds, flag, lr_schedule
-        self.hidden_sources = hidden_sources
+        self.second_pass, self.cluster_ratio = second_pass, cluster_ratio
+        self.signature_rounds, self.hidden_sources = signature_rounds, hidden_sources
 
     def _dropped(self, feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, first: Tensor,
-                 scorer: dict[str, Any]) -> tuple[Tensor, dict[str, Any] | None]:
-        """Mask of the samples the second pass removes (label ≠ ``pred``, in the flagged classes under
-        ``drop: relabelled`` with the samples carrying the trigger's signature and those traced to a hidden
-        source, or in every class when none is flagged) and the flag test's report. ``first`` is the first
-        selection, ``scorer`` the scorers' settings."""
+                 scorer: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """Mask of the samples the second pass removes (label ≠ ``pred``, in the flagged classes, with the
+        samples carrying the trigger's signature and those traced to a hidden source; in every class when none
+        is flagged) and the flag test's report. ``first`` is the first selection, ``scorer`` the scorers'
+        settings."""
         dropped = pred != y
-        if self.drop == "all":
-            return dropped, None
-        flagged, evidence = FLAG_TESTS[self.flag](y, pred, num_classes)
-        report = {"flag": self.flag, "flagged_classes": flagged, "evidence": evidence, "signature_added": {},
-                  "hidden_added": {}}
-        if not flagged:  # no evidence of where the poison is, so every class as before
+        flagged, evidence = spread_classes(y, pred, num_classes)
+        report: dict[str, Any] = {"flagged_classes": flagged, "evidence": evidence, "signature_added": {},
+                                  "hidden_added": {}}
+        if not flagged:  # no evidence of where the poison is: every class loses its disagreed-with samples
             return dropped, report
         dropped &= torch.isin(y, torch.tensor(flagged, dtype=y.dtype))
-        signature = {}
         for c in flagged if self.signature_rounds > 0 else []:
             found = signature_suspects(feats, y, pred, c, self.signature_rounds, seed=self.seed)
-            signature[c] = int((found & ~dropped).sum())  # the agreeing samples it adds
+            report["signature_added"][c] = int((found & ~dropped).sum())  # the agreeing samples it adds
             dropped |= found
-        hidden = {}
         for c in flagged if self.hidden_sources else []:
-            found, hidden[c] = hidden_sources(feats, y, pred, num_classes, c, evidence[c], first,
-                                              (y == c) & ~dropped, scorer)
+            found, report["hidden_added"][c] = hidden_sources(feats, y, pred, num_classes, c, evidence[c], first,
+                                                              (y == c) & ~dropped, scorer)
             dropped |= found
-        return dropped, {**report, "signature_added": signature, "hidden_added": hidden}
+        return dropped, report
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf).eval()
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         feats = cached_features(clf.encoder, data.train, device=self.device)
         y = data.train.labels.long()
-        kw = dict(epochs=self.score_epochs, lr=self.score_lr, batch_size=self.batch_size, alpha=self.sce_alpha,
-                  beta=self.sce_beta, seed=self.seed)
+        kw: dict[str, Any] = dict(epochs=self.score_epochs, lr=self.score_lr, batch_size=self.batch_size,
+                                  alpha=self.sce_alpha, beta=self.sce_beta, seed=self.seed)
         suspect, guard = torch.zeros(len(y), dtype=torch.bool), None
         if self.cluster_ratio is not None:
             suspect, guard = cluster_suspects(feats, y, clf.num_classes, self.cluster_ratio, self.seed)
@@ -410,14 +389,8 @@ class PADFT:
                                                           reduction="batchmean")
             return loss
 
-        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "PAD-FT",
-                  cosine=self.lr_schedule == "cosine")
+        tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "PAD-FT", cosine=True)
         tuner.commit()
-        for p in clf.parameters():
-            p.requires_grad_(False)
-        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "selection": selection_quality(kept, data.poisoned, len(y)), "first_selection": first,
-                  "cluster_guard": guard, "relabelled": relabelled,
-                  "clipped_dims": int(torch.isfinite(head.lo).sum()),
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(clf, report)
+        report = {"selection": selection_quality(kept, data.poisoned, len(y)), "first_selection": first,
+                  "cluster_guard": guard, "relabelled": relabelled, "clipped_dims": int(torch.isfinite(head.lo).sum())}
+        return clf, report

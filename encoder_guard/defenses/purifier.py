@@ -59,18 +59,18 @@ importance, boost the important, suppress the unimportant"; ours:
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from encoder_guard.defenses.base import DEFENSES, DefenseData, DefenseResult
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.encoders import Encoder
 from encoder_guard.encoders.encoder import TAP_NAMES
-from encoder_guard.encoders.plugins import SCORES, ActivationAlignment, position_excess, unit_shape
+from encoder_guard.encoders.plugins import ActivationAlignment, position_excess, unit_shape
+from encoder_guard.threats import DefenseData
 
 
 def _stage_outputs(encoder: Encoder, images: Tensor, tap: str, batch_size: int, grad: bool = False):
@@ -112,68 +112,55 @@ def _units(plugin: ActivationAlignment, x: Tensor) -> Tensor:
     return plugin.unit_values(x).flatten(1)
 
 
-class Purifier:
+@DEFENSES.register("purifier")
+class Purifier(Defense):
     """Args:
         granularity: ``channel``, ``cube`` or ``feature``.
         taps: stage outputs to align (names from ``TAP_NAMES``), fitted in network order.
         quantile: the range of a unit is its clean ``[1 − q, q]`` quantiles.
-        gate: align only the inputs whose excess over ``hi`` (per-unit, in clean standard deviations, scored
-            by ``gate_score``) is above this quantile of the clean inputs' (``ActivationAlignment``'s gate);
-            ``None`` aligns every input. A plain clamp trims every clean input's upper tail too, which is what
-            costs clean accuracy.
-        gate_score: how a gate scores an input's excess over ``hi`` (``ActivationAlignment``): ``peak``, the
-            largest over the map's positions of the channels' mean (a patch trigger raises a few positions),
-            or ``mean``, over the whole map (up to session 20).
-        local_taps: taps whose plug-in aligns only the anomalous positions of an input it aligns (those whose
-            channels' mean scaled excess over ``hi`` tops the ``local_quantile`` of clean positions'), setting
-            them to the middle of the range and leaving the rest of the map as it is (``ActivationAlignment``'s
-            ``local``); names not among ``taps`` are ignored.
-        local_quantile: the quantile of clean positions' excess above which a local tap replaces a position.
+        gate: align only the inputs whose peak excess over ``hi`` (per unit, in clean standard deviations) is
+            above this quantile of the clean inputs' (``ActivationAlignment``'s gate); ``None`` aligns every
+            input. A plain clamp trims every clean input's upper tail too, which is what costs clean accuracy.
         gate_taps: with a gate, the taps whose gate scores inputs (``None``: every tap; names not among
             ``taps`` are ignored, but one must be). The other taps align only what these flag, on a second
             pass from the first tap (``ActivationAlignment(detect=False)``).
-        plus: Purifier+ (importance rating, suppress/boost) on top of the alignment.
-        suppress: share of units (lowest importance) silenced by Purifier+.
-        suppress_gain: their gain (0 = silenced).
+        local_taps: taps whose plug-in aligns only the anomalous positions of an input it aligns (those whose
+            channels' mean scaled excess over ``hi`` tops the ``local_quantile`` of clean positions'), setting
+            them to the middle of the range and leaving the rest of the map as it is; names not among ``taps``
+            are ignored.
+        local_quantile: the quantile of clean positions' excess above which a local tap replaces a position.
         samples: clean images used (at most all the defender holds).
         batch_size: images per forward pass.
     """
 
+    needs = "5% clean unlabelled images"
+    plus: ClassVar[bool] = False
+
     def __init__(
         self,
         granularity: str = "feature",
-        taps: Sequence[str] = ("layer4",),
+        taps: Sequence[str] = TAP_NAMES,
         quantile: float = 0.75,
-        quantile_low: float = 0.65,
         gate: float | None = 0.99,
-        gate_taps: Sequence[str] | None = None,
-        gate_score: str = "peak",
-        local_taps: Sequence[str] | None = None,
+        gate_taps: Sequence[str] | None = ("layer3", "layer4"),
+        local_taps: Sequence[str] = ("stem", "layer1", "layer2"),
         local_quantile: float = 0.95,
-        plus: bool = False,
-        suppress: float = 0.0,
-        suppress_gain: float = 0.0,
         samples: int | None = None,
         batch_size: int = 500,
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
+        super().__init__(seed, device)
         unit_shape(granularity, 1, 1)  # validates
         if gate is not None and not 0 < gate < 1:
             raise ValueError(f"gate must be a quantile in (0, 1) or null, got {gate}")
         if not 0.5 < quantile <= 1:
             raise ValueError(f"quantile must be in (0.5, 1], got {quantile}")
-        if plus and not 0.5 < quantile_low <= quantile:  # quantile_low is Purifier+'s alone
-            raise ValueError(f"Purifier+ needs 0.5 < quantile_low <= quantile, got {quantile_low} and {quantile}")
-        if not 0 <= suppress < 1 or suppress_gain < 0:
-            raise ValueError("suppress must be in [0, 1) and suppress_gain >= 0")
         bad = [t for t in taps if t not in TAP_NAMES]
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(TAP_NAMES)}; got {list(taps)}")
-        self.granularity, self.taps, self.quantile, self.plus = granularity, sorted(taps, key=TAP_NAMES.index), quantile, plus
-        if gate_score not in SCORES:
-            raise ValueError(f"gate_score must be one of {', '.join(SCORES)}, not {gate_score!r}")
-        self.quantile_low, self.gate, self.gate_taps, self.gate_score = quantile_low, gate, None, gate_score
+        self.granularity, self.taps, self.quantile = granularity, sorted(taps, key=TAP_NAMES.index), quantile
+        self.gate, self.gate_taps = gate, None
         if gate_taps is not None:  # those of the taps; the preset's stay valid when a user picks other taps
             unknown = [t for t in gate_taps if t not in TAP_NAMES]
             self.gate_taps = [t for t in self.taps if t in gate_taps]
@@ -186,12 +173,9 @@ class Purifier:
         if not 0 < local_quantile < 1:
             raise ValueError(f"local_quantile must be in (0, 1), got {local_quantile}")
         self.local_taps = [t for t in self.taps if t in (local_taps or ())]
-        self.local_quantile = local_quantile
-        self.suppress, self.suppress_gain, self.samples, self.batch_size = suppress, suppress_gain, samples, batch_size
-        self.seed, self.device = seed, device
-
-    def hparams(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "device"}
+        self.local_quantile, self.samples, self.batch_size = local_quantile, samples, batch_size
+        # Purifier+'s settings (its own __init__ sets them): a quantile rising with importance, and suppression
+        self.quantile_low, self.suppress, self.suppress_gain = quantile, 0.0, 0.0
 
     @torch.no_grad()
     def _fit_ranges(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment,
@@ -205,12 +189,13 @@ class Purifier:
         the stem and layer1.
         """
         values = torch.cat([_units(plugin, m) for m, _ in _stage_outputs(encoder, images, tap, self.batch_size)])
-        q = torch.full((values.shape[1],), self.quantile) if rank is None else self.quantile_low + (self.quantile - self.quantile_low) * rank
+        q = (torch.full((values.shape[1],), self.quantile) if rank is None
+             else self.quantile_low + (self.quantile - self.quantile_low) * rank)
         lo, hi = _ranges(values, q)
         plugin.lo.copy_(lo.view_as(plugin.lo))
         plugin.hi.copy_(hi.view_as(plugin.hi))
         clipped = ((values < lo) | (values > hi)).float().mean().item()
-        stats = {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
+        stats: dict[str, Any] = {"units": values.shape[1], "clean_values_clipped": clipped, "mean_abs": values.abs().mean(0)}
         scores = plugin.gated and plugin.detect
         if plugin.gated and not scores:
             stats.update(gate=None, detects=False)
@@ -218,7 +203,7 @@ class Purifier:
             return stats
         per_image = values.view(len(images), -1, values.shape[1])  # channel-wise: one row per position
         halves = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).chunk(2)
-        excess, spots = torch.empty(len(images)), []
+        excess, spots = torch.empty(len(images)), list[Tensor]()
         for fit, scored in (halves, halves[::-1]):
             part = per_image[fit].flatten(0, 1)
             plugin.hi.copy_(_ranges(part, q)[1].view_as(plugin.hi))
@@ -226,18 +211,19 @@ class Purifier:
             rows = per_image[scored].flatten(0, 1).view(-1, *plugin.hi.shape[1:])
             if scores:
                 per_row = plugin.excess(rows).view(len(scored), -1)  # channel-wise: a row per position
-                excess[scored] = per_row.amax(1) if plugin.score == "peak" else per_row.mean(1)
+                excess[scored] = per_row.amax(1)
             if plugin.local:
                 spots.append(position_excess(rows, plugin.hi, plugin.scale).flatten())
         plugin.hi.copy_(hi.view_as(plugin.hi))
         plugin.scale.copy_(_scale(values).view_as(plugin.scale))
         if scores:
+            assert self.gate is not None
             plugin.gate.fill_(torch.quantile(excess, self.gate).item())
             stats.update(gate=plugin.gate.item(), clean_inputs_aligned=(excess > plugin.gate).float().mean().item())
         if plugin.local:
-            spots = torch.cat(spots)
-            plugin.spot.fill_(_quantile(spots, self.local_quantile))
-            stats.update(spot=plugin.spot.item(), clean_positions_replaced=(spots > plugin.spot).float().mean().item())
+            spot = torch.cat(spots)
+            plugin.spot.fill_(_quantile(spot, self.local_quantile))
+            stats.update(spot=plugin.spot.item(), clean_positions_replaced=(spot > plugin.spot).float().mean().item())
         return stats
 
     def _importance(self, encoder: Encoder, images: Tensor, tap: str, plugin: ActivationAlignment) -> Tensor:
@@ -264,11 +250,10 @@ class Purifier:
             encoder.second_pass = True
         return total / len(images)
 
-    def run(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool = False) -> DefenseResult:
-        t0 = time.perf_counter()
-        enc = copy.deepcopy(encoder).eval()
-        for p in enc.parameters():
-            p.requires_grad_(False)
+    def defend(self, enc: Encoder, data: DefenseData, out: Path | None,
+               resume: bool) -> tuple[Encoder, dict[str, Any]]:
+        if data.clean is None:
+            raise ValueError("Purifier needs clean images")
         images = data.clean.images
         if self.samples is not None and self.samples < len(images):
             g = torch.Generator().manual_seed(self.seed)
@@ -283,7 +268,7 @@ class Purifier:
             gated = self.gate is not None
             detect = not gated or self.gate_taps is None or tap in self.gate_taps
             plugin = ActivationAlignment(self.granularity, info[tap]["num_chs"], side, gated=gated, detect=detect,
-                                         score=self.gate_score, local=tap in self.local_taps)
+                                         local=tap in self.local_taps)
             enc.attach(tap, plugin)  # identity until fitted; later taps are fitted behind it
             t_tap = time.perf_counter()
             rating = self._importance(enc, images, tap, plugin) if self.plus else None
@@ -294,9 +279,7 @@ class Purifier:
                 stats.update(self._gains(rating, plugin, mean_abs))
             stats["seconds"] = time.perf_counter() - t_tap
             layers[tap] = stats
-        report = {"hparams": self.hparams(), "data": {**data.usage(), "images_used": len(images)}, "layers": layers,
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(enc, report)
+        return enc, {"images_used": len(images), "layers": layers}
 
     def _gains(self, rating: Tensor, plugin: ActivationAlignment, mean_abs: Tensor) -> dict[str, Any]:
         k = int(self.suppress * len(rating))
@@ -313,9 +296,25 @@ class Purifier:
                 "rating_share_suppressed": float(rating[low].sum() / rating.sum().clamp_min(1e-12))}
 
 
-DEFENSES.register("purifier")(Purifier)
-
-
 @DEFENSES.register("purifier-plus")
-def purifier_plus(**kwargs: Any) -> Purifier:
-    return Purifier(**{**kwargs, "plus": True})
+class PurifierPlus(Purifier):
+    """Purifier+: Purifier's alignment with ranges that widen with each unit's importance.
+
+    Args (besides Purifier's):
+        quantile_low: the quantile of the least important unit; it rises linearly with the importance rank up
+            to ``quantile`` for the most important.
+        suppress: share of units (lowest importance) scaled by ``suppress_gain``, the rest boosted to keep the
+            layer's clean activation mass.
+        suppress_gain: their gain (0 = silenced).
+    """
+
+    plus = True
+
+    def __init__(self, quantile_low: float = 0.65, suppress: float = 0.0, suppress_gain: float = 0.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.5 < quantile_low <= self.quantile:
+            raise ValueError(f"Purifier+ needs 0.5 < quantile_low <= quantile, got {quantile_low} and {self.quantile}")
+        if not 0 <= suppress < 1 or suppress_gain < 0:
+            raise ValueError("suppress must be in [0, 1) and suppress_gain >= 0")
+        self.quantile_low, self.suppress, self.suppress_gain = quantile_low, suppress, suppress_gain

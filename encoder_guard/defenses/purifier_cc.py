@@ -25,27 +25,26 @@ other.
 
 from __future__ import annotations
 
-import copy
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from downstream.classifier import Classifier
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import Tail, fit_minibatches
 from encoder_guard.encoders.encoder import TAP_NAMES
 from encoder_guard.encoders.plugins import ClassMask
 from encoder_guard.errors import EncoderGuardError
+from encoder_guard.threats import DownstreamData
 
 PLUGGABLE = TAP_NAMES[1:]  # a plug-in needs a stage before it to cache inputs at
 
 
 @DEFENSES.register("purifier-cc")
-class ClassConditionalPurifier:
+class ClassConditionalPurifier(Defense):
     """Args:
         taps: stage outputs that get a class-conditional mask (``layer1`` … ``layer4``).
         head_epochs: epochs of auxiliary-head training before the masks move.
@@ -56,10 +55,12 @@ class ClassConditionalPurifier:
     """
 
     level = "classifier"
+    needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, taps: Sequence[str] = ("layer4",), head_epochs: int = 20, epochs: int = 40,
                  sparsity: float = 0.5, aux_weight: float = 1.0, lr: float = 0.01, batch_size: int = 128,
                  seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         bad = [t for t in taps if t not in PLUGGABLE]
         if bad or not taps:
             raise ValueError(f"taps must be a non-empty list from {', '.join(PLUGGABLE)}; got {list(taps)}")
@@ -67,14 +68,13 @@ class ClassConditionalPurifier:
             raise ValueError("need head_epochs >= 0, epochs >= 1, lr > 0, sparsity >= 0, aux_weight >= 0")
         self.taps = sorted(set(taps), key=TAP_NAMES.index)
         self.head_epochs, self.epochs, self.sparsity, self.aux_weight = head_epochs, epochs, sparsity, aux_weight
-        self.lr, self.batch_size, self.seed, self.device = lr, batch_size, seed, device
+        self.lr, self.batch_size = lr, batch_size
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         if data.clean is None or len(data.clean) == 0:
             raise EncoderGuardError("the class-conditional Purifier needs a small clean labelled set; set "
                                     "downstream.clean_fraction (default 0.05)")
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf)
         enc = clf.encoder
         taken = [t for t in self.taps if t in enc.plugins]
         if taken:
@@ -105,11 +105,8 @@ class ClassConditionalPurifier:
             logits = tail.logits(h)
             ca1 = float((logits.argmax(1) == y).float().mean())
             layers = {tap: self._describe(m, y) for tap, m in masks.items()}
-        report = {"hparams": {k: v for k, v in vars(self).items() if k != "device"}, "data": data.usage(),
-                  "holdout_accuracy_before": ca0, "holdout_accuracy_after": ca1,  # on the defender's clean share
-                  "layers": layers,
-                  "wall_seconds_this_session": time.perf_counter() - t0}
-        return DefenseResult(clf, report)
+        return clf, {"holdout_accuracy_before": ca0, "holdout_accuracy_after": ca1,  # on the defender's clean share
+                     "layers": layers}
 
     def _train(self, tail: Tail, h: torch.Tensor, y: torch.Tensor, masks: dict[str, ClassMask], params: list[nn.Parameter],
                epochs: int, joint: bool, generator: torch.Generator) -> None:
@@ -117,11 +114,11 @@ class ClassConditionalPurifier:
             return
 
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            logits = tail.logits(h[idx])
-            aux = sum(F.cross_entropy(m.aux_logits, y[idx]) for m in masks.values())
+            logits = tail.logits(h[idx])  # sets each mask's aux_logits
+            aux = torch.stack([F.cross_entropy(_aux(m), y[idx]) for m in masks.values()]).sum()
             if not joint:
                 return aux
-            sparse = sum(m.mask.mean() for m in masks.values()) / len(masks)
+            sparse = torch.stack([m.mask.mean() for m in masks.values()]).sum() / len(masks)
             return F.cross_entropy(logits, y[idx]) + self.aux_weight * aux + self.sparsity * sparse
 
         @torch.no_grad()
@@ -139,5 +136,11 @@ class ClassConditionalPurifier:
     @staticmethod
     def _describe(m: ClassMask, y: torch.Tensor) -> dict:
         kept = (m.mask > 0.5).sum(1)
-        return {"channels": m.channels, "aux_accuracy": float((m.aux_logits.argmax(1) == y).float().mean()),
+        return {"channels": m.channels, "aux_accuracy": float((_aux(m).argmax(1) == y).float().mean()),
                 "channels_kept_per_class": kept.tolist(), "mean_mask": float(m.mask.mean())}
+
+
+def _aux(mask: ClassMask) -> torch.Tensor:
+    """The auxiliary head's logits of the mask's last forward pass."""
+    assert mask.aux_logits is not None, "the mask has not seen an input yet"
+    return mask.aux_logits

@@ -31,9 +31,7 @@ for detection.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +44,11 @@ from torch import Tensor
 
 from downstream.classifier import Classifier
 from downstream.features import cached_features
-from encoder_guard.defenses.base import DEFENSES, DefenseResult, DownstreamData
+from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import HeadTuner
+from encoder_guard.encoders import Encoder
 from encoder_guard.errors import EncoderGuardError
+from encoder_guard.threats import DownstreamData
 
 
 def class_constraints(feats: Tensor, weight: Tensor, bias: Tensor, k: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +118,7 @@ def detect(clf: Classifier, feats: Tensor, margin: float = 0.0, alpha: float = 0
 
 
 @DEFENSES.register("tac")
-class TAC:
+class TAC(Defense):
     """Args:
         margin: logit margin the shift must reach on every reference.
         alpha: level of the target test.
@@ -128,35 +128,30 @@ class TAC:
     """
 
     level = "classifier"
-    uses_clean = True
+    needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, margin: float = 0.0, alpha: float = 0.05, always_remove: bool = False, epochs: int = 30,
                  lr: float = 0.01, weight_decay: float = 1e-4, batch_size: int = 256, shift_weight: float = 1.0,
                  resolve_every: int = 5, seed: int = 0, device: str = "cpu") -> None:
+        super().__init__(seed, device)
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.margin, self.alpha, self.always_remove, self.epochs, self.lr = margin, alpha, always_remove, epochs, lr
         self.weight_decay, self.batch_size, self.shift_weight, self.resolve_every = weight_decay, batch_size, shift_weight, resolve_every
-        self.seed, self.device = seed, device
 
-    def run(self, clf: Classifier, data: DownstreamData, out: Path, resume: bool = False) -> DefenseResult:
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
         if data.clean is None or len(data.clean) == 0:
             raise EncoderGuardError("TAC needs clean labelled reference images; set downstream.clean_fraction (default 0.05)")
-        t0 = time.perf_counter()
-        clf = copy.deepcopy(clf).eval()
-        for p in clf.parameters():
-            p.requires_grad_(False)
         feats = cached_features(clf.encoder, data.clean, device=self.device)
         y = data.clean.labels.long()
         found, s = detect(clf, feats, self.margin, self.alpha)
-        report: dict[str, Any] = {"hparams": {k: v for k, v in vars(self).items() if k != "device"},
-                                  "data": data.usage(), "detection": found.as_dict()}
+        report: dict[str, Any] = {"detection": found.as_dict()}
         if found.flagged or self.always_remove:
             report["removal"] = self._remove(clf, feats, y, found.candidate, s[found.candidate])
             after, _ = detect(clf, feats, self.margin, self.alpha)
             report["detection_after"] = after.as_dict()
-        report["wall_seconds_this_session"] = time.perf_counter() - t0
-        return DefenseResult(clf, report)
+        return clf, report
 
     def _remove(self, clf: Classifier, feats: Tensor, y: Tensor, target: int, shift: Tensor) -> dict[str, Any]:
         tuner = HeadTuner(clf.head, feats, self.seed)
@@ -178,3 +173,30 @@ class TAC:
         tuner.fit(batch_loss, self.epochs, self.lr, self.weight_decay, self.batch_size, "TAC", before_epoch=resolve)
         tuner.commit()
         return {"target": target, "shift_norms": norms}
+
+
+def run_detection(encoder: Encoder, cfg: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """``encoder-guard detect``: TAC's target test on the deployed classifier of ``cfg`` (its ``downstream``
+    section: the dataset, ``head`` or a linear probe fitted on the training set, the clean reference share;
+    its ``detect`` section: ``alpha`` and ``margin``), into a run directory; returns ``detection.json``'s
+    contents plus the class names."""
+    from encoder_guard.runs import RunDir
+    from encoder_guard.threats import deployed_classifier, downstream_setup
+
+    run = RunDir(out, cfg)
+    seed = int(cfg.get("seed", 0))
+    d = cfg.get("detect") or {}
+    ds = downstream_setup(cfg, encoder, seed)
+    assert ds.data.clean is not None
+    clf = deployed_classifier(cfg, encoder, ds, seed)
+    found, _ = detect(clf, cached_features(encoder, ds.data.clean), float(d.get("margin", 0.0)),
+                      float(d.get("alpha", 0.05)))
+    result = {"encoder": d.get("encoder"), "head": (cfg.get("downstream") or {}).get("head"),
+              "reference_images": len(ds.data.clean), **found.as_dict()}
+    run.write_json("detection.json", result)
+    classes = ds.test.classes or [str(i) for i in range(len(found.norms))]
+    verdict = (f"backdoor suspected: target class {found.candidate} ({classes[found.candidate]})" if found.flagged
+               else "no class stands out (the test reads the head: a backdoor inside the encoder under a clean head "
+                    "passes it; docs/methods.md, TAC)")
+    run.logger.info(f"{verdict}; p = {found.p_value:.3g} at alpha {found.alpha} → {run.file('detection.json')}")
+    return {**result, "classes": classes}

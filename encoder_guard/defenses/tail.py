@@ -18,6 +18,7 @@ from tqdm import trange
 from downstream.classifier import Classifier, Head
 from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
 from encoder_guard.errors import TrainingDivergedError
+from encoder_guard.training import cosine_lr
 
 
 class Tail:
@@ -121,28 +122,29 @@ def fit_minibatches(params: list[nn.Parameter], n: int, batch_loss: Callable[[Te
 
     ``batch_loss(idx)`` is the loss of samples ``idx``; ``before_epoch(epoch)`` runs at the start of every
     epoch, ``after_step()`` after every optimiser step (e.g. a projection). ``cosine`` anneals the rate to 0
-    over the run: at a constant rate the last step decides where a head puts the boundary between
-    look-alike classes, and PAD-FT's CA moved by 1.2 points with the batch order alone (benchmarks/RESULTS.md, "PAD-FT
-    since session 23"). A NaN/inf loss stops with :class:`TrainingDivergedError`.
+    over the run (:func:`encoder_guard.training.cosine_lr`): at a constant rate the last steps decide where a
+    head puts the boundary between look-alike classes, and PAD-FT's CA moved by 1.2 points with the batch
+    order alone. A NaN/inf loss stops with :class:`TrainingDivergedError`.
     """
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    steps = epochs * -(-n // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine and steps > 0 else None
+    total, step = epochs * -(-n // batch_size), 0
     bar = trange(epochs, desc=desc, unit="epoch", leave=False, mininterval=1.0)
     for epoch in bar:
         if before_epoch is not None:
             before_epoch(epoch)
-        total = 0.0
+        seen = 0.0
         for idx in torch.randperm(n, generator=generator).split(batch_size):
+            if cosine:
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, total, lr)
             loss = batch_loss(idx)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(f"{desc}'s loss became NaN/inf; lower defense.lr")
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if sched is not None:
-                sched.step()
+            step += 1
             if after_step is not None:
                 after_step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
+            seen += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{seen / n:.4f}", refresh=False)

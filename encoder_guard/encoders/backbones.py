@@ -11,7 +11,7 @@ stride-2 stem. Parameter names match torchvision's ResNet (``conv1``, ``bn1``, `
 from __future__ import annotations
 
 from dataclasses import fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from torch import nn
 
@@ -21,8 +21,8 @@ from encoder_guard.registry import Registry
 
 BACKBONES: Registry[Callable[[], EncoderSpec]] = Registry("backbone")
 
-_CIFAR_STEM = dict(stem_kernel=3, stem_stride=1, stem_padding=1, stem_pool=False)
-_IMAGENET_STEM = dict(stem_kernel=7, stem_stride=2, stem_padding=3, stem_pool=True)
+_CIFAR_STEM: dict[str, Any] = dict(stem_kernel=3, stem_stride=1, stem_padding=1, stem_pool=False)
+_IMAGENET_STEM: dict[str, Any] = dict(stem_kernel=7, stem_stride=2, stem_padding=3, stem_pool=True)
 
 
 @BACKBONES.register("resnet10-tiny")
@@ -68,19 +68,20 @@ def make_spec(backbone: str, **overrides: Any) -> EncoderSpec:
         overrides["std"] = (spec.std * c)[:c] if len(spec.std) == 1 else (sum(spec.std) / len(spec.std),) * c
     unknown = set(overrides) - {f.name for f in fields(EncoderSpec)}
     if unknown:
-        raise EncoderGuardError(f"unknown encoder setting(s) {', '.join(sorted(unknown))}; valid: {', '.join(f.name for f in fields(EncoderSpec))}")
+        valid = ", ".join(f.name for f in fields(EncoderSpec))
+        raise EncoderGuardError(f"unknown encoder setting(s) {', '.join(sorted(unknown))}; valid: {valid}")
     return replace(spec, **overrides, provenance=dict(spec.provenance, backbone=backbone))
 
 
-def build_backbone(spec: EncoderSpec) -> nn.Module:
+def build_backbone(spec: EncoderSpec) -> Any:
     """A timm ResNet for ``spec`` without a classifier, with the spec's stem."""
     from timm.models.resnet import BasicBlock, Bottleneck, ResNet, make_blocks
 
     if spec.arch != "resnet":
         raise ValueError(f"unknown arch {spec.arch!r}; only 'resnet' is implemented")
     block = BasicBlock if spec.block == "basic" else Bottleneck
-    net = ResNet(
-        block=block,
+    net: Any = ResNet(
+        block=cast(Any, block),
         layers=spec.layers,
         channels=spec.widths,
         in_chans=spec.in_chans,

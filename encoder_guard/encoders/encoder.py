@@ -7,13 +7,14 @@ Every defense talks to this one interface (``forward``, ``forward_features``, ``
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from encoder_guard.encoders.backbones import build_backbone
-from encoder_guard.encoders.plugins import SampleFlags, build_plugin
+from encoder_guard.encoders.plugins import PlugIn, SampleFlags, build_plugin
 from encoder_guard.encoders.spec import EncoderSpec
 
 TAP_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -47,6 +48,9 @@ class Encoder(nn.Module):
     torch.Size([2, 128])
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -62,14 +66,14 @@ class Encoder(nn.Module):
         for tap, description in list(spec.plugins.items()):
             self.attach(tap, build_plugin(description))
 
-    def attach(self, tap: str, plugin: nn.Module) -> None:
+    def attach(self, tap: str, plugin: PlugIn) -> None:
         """Apply ``plugin`` to the output of stage ``tap`` from now on (recorded in the spec and checkpoint)."""
         if tap not in TAP_NAMES:
             raise ValueError(f"unknown tap {tap!r}; taps are {', '.join(TAP_NAMES)}")
         if tap in self.plugins:
             raise ValueError(f"tap {tap} already has a plug-in")
         self.plugins[tap] = plugin
-        if getattr(plugin, "gated", False):
+        if plugin.gated:
             plugin.shared = self._flags
         self.spec.plugins[tap] = plugin.describe()
         module = self.backbone.get_submodule(TAP_MODULES[TAP_NAMES.index(tap)])
@@ -177,8 +181,9 @@ class Encoder(nn.Module):
         return self._feature_info
 
     def digest(self) -> str:
-        """A short content hash of weights and spec (keys feature caches; equal weights → equal digest)."""
-        h = hashlib.sha256(self.spec.to_json().encode())
+        """A short content hash of weights and spec, less its provenance (keys feature caches: equal weights and
+        architecture → equal digest, wherever the encoder came from)."""
+        h = hashlib.sha256(replace(self.spec, provenance={}).to_json().encode())
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -6,7 +6,7 @@ stages, widths, channels, stem kernel) is always read from the weights; what the
 (stem padding, max-pool, normalisation) comes from the format's convention or the config beside the file,
 and the user can override any of it.
 
-Layouts (see DESIGN.md): BadEncoder/MIMIC/DECREE ``{'state_dict': {'f.f.<i>...', 'g...'}}``; solo-learn
+Layouts (docs/design.md, "Checkpoint formats"): BadEncoder/MIMIC/DECREE ``{'state_dict': {'f.f.<i>...', 'g...'}}``; solo-learn
 Lightning ``.ckpt`` with ``backbone.`` (older ``encoder.``) keys and ``args.json`` beside it, CIFAR stem
 3×3/stride 1/**padding 2**; lightly ``backbone.`` keys, named or the tutorials' ``nn.Sequential`` indices;
 plain torchvision/timm state dicts.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,12 +32,23 @@ SOLO_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 SOLO_CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+# What the weights cannot tell: each loaded encoder records where these came from (``encoder-guard info``)
+ASSUMED = ("input_size", "mean", "std", "stem_stride", "stem_padding", "stem_pool")
+
+
 @dataclass
 class Converted:
-    """A checkpoint in our terms: torchvision-named backbone weights and what the format says of the stem."""
+    """A checkpoint in our terms: torchvision-named backbone weights, what the format says of the stem and
+    input, and where each of those settings came from (``sources``)."""
 
     state: dict[str, Tensor]
     spec_hints: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def hint(self, source: str, **values: Any) -> None:
+        """Set settings that ``source`` (a format's convention, a file beside the checkpoint) gives."""
+        self.spec_hints.update(values)
+        self.sources.update({k: source for k in values if k in ASSUMED})
 
 
 @dataclass
@@ -50,8 +61,8 @@ class Format:
 FORMATS: Registry[Format] = Registry("checkpoint format")
 
 
-def register_format(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
+def register_format(name: str) -> Callable[[Any], Any]:
+    def add(cls: Any) -> Any:
         FORMATS.register(name)(Format(name, cls.detect, cls.convert))
         return cls
 
@@ -152,7 +163,8 @@ def infer_architecture(state: dict[str, Tensor], source: str) -> dict[str, Any]:
 
 
 def default_hints(arch: dict[str, Any]) -> dict[str, Any]:
-    """Conventions when nothing else is known: 3×3 stems are CIFAR style, 7×7 ImageNet style."""
+    """Conventions when nothing else is known: 3×3 stems are CIFAR style (32 px), 7×7 ImageNet style (224 px);
+    one channel takes Fashion-MNIST's mean/std, three CIFAR's or ImageNet's by the stem."""
     k = arch["stem_kernel"]
     small = k <= 3
     hints: dict[str, Any] = {
@@ -169,6 +181,15 @@ def default_hints(arch: dict[str, Any]) -> dict[str, Any]:
     else:
         hints.update(mean=(0.5,) * c, std=(0.5,) * c)
     return hints
+
+
+def _defaults(named: dict[str, Tensor], path: Path) -> Converted:
+    """The architecture read from the weights, and :func:`default_hints` for the rest (noted as such)."""
+    arch = infer_architecture(named, str(path))
+    k = arch["stem_kernel"]
+    conv = Converted(named, dict(arch))
+    conv.hint(f"the default for a {k}×{k} stem with {arch['in_chans']} channel(s)", **default_hints(arch))
+    return conv
 
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -197,9 +218,10 @@ class BadEncoderFormat:
             raise CheckpointError(f"{path}: no BadEncoder backbone keys (f.f.*) among keys such as {', '.join(list(state)[:4])}")
         named, has_pool = sequential_to_named(backbone)
         named = torchvision_names(named)
-        hints = default_hints(infer_architecture(named, str(path)))
-        hints.update(stem_pool=has_pool, ssl_method="simclr")
-        return Converted(named, hints)
+        conv = _defaults(named, path)
+        conv.hint("the layout of the file (max-pool or not)", stem_pool=has_pool)
+        conv.hint("BadEncoder's convention", ssl_method="simclr")
+        return conv
 
 
 def _solo_args(path: Path) -> dict[str, Any] | None:
@@ -241,21 +263,20 @@ class SoloLearnFormat:
         prefix = SoloLearnFormat._prefix(state)
         assert prefix is not None
         named = torchvision_names(strip_prefix(state, prefix))
-        arch = infer_architecture(named, str(path))
-        hints = default_hints(arch)
+        conv = _defaults(named, path)
         args = _solo_args(path) or {}
         dataset = str((args.get("data") or {}).get("dataset", args.get("dataset", ""))).lower()
-        method = args.get("method")
-        if arch["stem_kernel"] == 3:
-            hints.update(stem_stride=1, stem_padding=2, stem_pool=False, input_size=32)
+        if conv.spec_hints["stem_kernel"] == 3:
+            conv.hint("solo-learn's CIFAR stem", stem_stride=1, stem_padding=2, stem_pool=False, input_size=32)
         if dataset.startswith("cifar"):
-            hints.update(mean=SOLO_CIFAR_MEAN, std=SOLO_CIFAR_STD)
-        crop = ((args.get("augmentations") or [{}])[0] or {}).get("crop_size") if isinstance(args.get("augmentations"), list) else None
+            conv.hint("args.json's dataset (solo-learn's CIFAR statistics)", mean=SOLO_CIFAR_MEAN, std=SOLO_CIFAR_STD)
+        augs = args.get("augmentations")
+        crop = ((augs or [{}])[0] or {}).get("crop_size") if isinstance(augs, list) else None
         if crop:
-            hints["input_size"] = int(crop)
-        hints["ssl_method"] = method
-        hints["provenance_extra"] = {"dataset": dataset or None, "args_json": bool(args)}
-        return Converted(named, hints)
+            conv.hint("args.json's crop size", input_size=int(crop))
+        conv.hint("args.json", ssl_method=args.get("method"))
+        conv.spec_hints["provenance_extra"] = {"dataset": dataset or None, "args_json": bool(args)}
+        return conv
 
 
 @register_format("lightly")
@@ -280,13 +301,12 @@ class LightlyFormat:
         if any(re.match(r"\d+\.", k) for k in backbone):
             backbone, has_pool = sequential_to_named(backbone)
         named = torchvision_names(backbone)
-        arch = infer_architecture(named, str(path))
-        hints = default_hints(arch)
+        conv = _defaults(named, path)
         if has_pool is not None:
-            hints["stem_pool"] = has_pool
-        if arch["in_chans"] == 3:
-            hints.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return Converted(named, hints)
+            conv.hint("the layout of the file (max-pool or not)", stem_pool=has_pool)
+        if conv.spec_hints["in_chans"] == 3:
+            conv.hint("lightly's convention (ImageNet statistics)", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return conv
 
 
 @register_format("torchvision")
@@ -299,8 +319,7 @@ class TorchvisionFormat:
 
     @staticmethod
     def convert(state: dict[str, Tensor], payload: dict[str, Any], path: Path) -> Converted:
-        named = torchvision_names(state)
-        return Converted(named, default_hints(infer_architecture(named, str(path))))
+        return _defaults(torchvision_names(state), path)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -312,8 +331,11 @@ def load_encoder(path: str | Path, format: str = "auto", **overrides: Any) -> En
     Args:
         path: our ``.safetensors``, a run directory, or another project's checkpoint.
         format: ``auto`` or one of :data:`FORMATS` (``badencoder``, ``solo-learn``, ``lightly``, ``torchvision``).
-        overrides: spec fields that replace what the file or its format says (``stem_padding=2``,
-            ``mean=(...)``, ``input_size=96``...); ``None`` values are ignored.
+        overrides: spec fields that replace what the file or its format says (``input_size=96``,
+            ``stem_padding=2``, ``mean=(...)``...); ``None`` values are ignored.
+
+    What the weights cannot tell (:data:`ASSUMED`: input size, normalisation, stem stride, padding and pooling)
+    is recorded with its source in ``spec.provenance["assumed"]``, which ``encoder-guard info`` prints.
 
     Raises:
         CheckpointError: with the reason and the fix.
@@ -323,9 +345,15 @@ def load_encoder(path: str | Path, format: str = "auto", **overrides: Any) -> En
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if SPEC_KEY in meta and format in ("auto", "encoder-guard"):
         enc = load_own(payload, meta, str(path))
+        known = enc.spec.provenance.get("assumed") or {}  # an imported encoder saved in our format keeps its sources
+        sources = {k: (known.get(k) or {}).get("from", "the checkpoint's spec") for k in ASSUMED}
         if overrides:
             spec = replace(enc.spec, **overrides)
+            plugin_state = enc.plugins.state_dict()
             enc = load_state_into(Encoder(spec), enc.backbone.state_dict(), str(path))
+            enc.plugins.load_state_dict(plugin_state)
+            sources.update({k: "given when loading" for k in overrides if k in ASSUMED})
+        enc.spec.provenance = dict(enc.spec.provenance, assumed=_assumed(enc.spec, sources))
         return enc
     if isinstance(payload, dict) and not any(isinstance(v, (Tensor, dict)) for v in payload.values()):
         raise CheckpointError(f"{path} holds no weights; it is not an encoder checkpoint")
@@ -340,12 +368,20 @@ def load_encoder(path: str | Path, format: str = "auto", **overrides: Any) -> En
     else:
         fmt = FORMATS.get(format)
     conv = fmt.convert(state, payload, path)
-    arch = infer_architecture(conv.state, str(path))
     hints = dict(conv.spec_hints)
     extra = hints.pop("provenance_extra", {})
     ssl_method = hints.pop("ssl_method", None)
-    fields = {**arch, **hints, **overrides}
+    fields = {**hints, **overrides}
     fields.setdefault("ssl_method", ssl_method)
+    sources = {**conv.sources, **{k: "given when loading" for k in overrides if k in ASSUMED}}
     fields["provenance"] = {"format": fmt.name, "source": str(path), **{k: v for k, v in extra.items() if v is not None}}
     spec = EncoderSpec(**fields)
+    spec.provenance["assumed"] = _assumed(spec, sources)
     return load_state_into(Encoder(spec), conv.state, f"{path} ({fmt.name} format)")
+
+
+def _assumed(spec: EncoderSpec, sources: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each of :data:`ASSUMED`'s values (as JSON stores it) and where it came from."""
+    value = {k: getattr(spec, k) for k in ASSUMED}
+    return {k: {"value": list(v) if isinstance(v, tuple) else v, "from": sources.get(k, "the encoder's defaults")}
+            for k, v in value.items()}

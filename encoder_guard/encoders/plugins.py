@@ -20,11 +20,10 @@ because the stage's output is its own, so a plug-in may then overwrite ``x`` rat
 
 A *gated* alignment (``gated=True``) aligns only the inputs found anomalous: per sample, a score of the
 units' excess over their ``hi`` (in units of each unit's clean spread ``scale``) is compared with a
-threshold ``gate`` fitted on clean data. The score (``score``) is the excess averaged over the whole map
-(``mean``, the only one before session 21), or averaged over the channels at each position and taken at
-the position where it is largest (``peak``): a patch trigger raises a few positions of a map, and the
-mean over all of them dilutes it into the clean inputs' spread (measured on a weakly backdoored encoder:
-52% of triggered inputs caught at layer4 by the mean, 99% by the peak, at about 1% of clean ones).
+threshold ``gate`` fitted on clean data. The score is the excess averaged over the channels at each
+position and taken at the position where it is largest: a patch trigger raises a few positions of a map,
+and an average over the whole map dilutes it into the clean inputs' spread (on a weakly backdoored encoder
+the whole-map average caught 52% of triggered inputs at layer4, the peak 99%, at about 1% of clean ones).
 A sample flagged at one tap stays flagged at every later tap of the same forward pass (the encoder shares
 one ``SampleFlags`` among its gated plug-ins): a patch trigger stands out at the stem and at the last
 stage, not in between, yet it has to be aligned in between too.
@@ -35,7 +34,7 @@ Unflagged inputs pass unchanged, so clean inputs keep their activations (a plain
 input's upper tail).
 
 A *local* plug-in (``local=True``) aligns only the anomalous positions of a row it aligns: those whose
-channels' mean excess over ``hi`` (the peak score's per-position value) tops ``spot``, a quantile of the
+channels' mean excess over ``hi`` (the score's per-position value) tops ``spot``, a quantile of the
 clean positions' own, are set to the middle of their units' range, ``(lo + hi) / 2``; every other
 position keeps its activation. Clamping the whole map of a caught input into tight ranges leaves little
 of the image: on a BadEncoder with a 9×9 random patch, clean images forced through every tap's clamp fell
@@ -56,11 +55,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from encoder_guard.errors import CheckpointError, EncoderGuardError
 from encoder_guard.registry import Registry
 
-PLUGINS: Registry[type] = Registry("plug-in")
+PLUGINS: Registry[type[PlugIn]] = Registry("plug-in")
 GRANULARITIES = ("channel", "cube", "feature")
-SCORES = ("mean", "peak")
 
 
 def unit_shape(granularity: str, channels: int, size: int) -> tuple[int, ...]:
@@ -130,22 +129,42 @@ class SampleFlags:
         return own
 
 
+class PlugIn(nn.Module):
+    """The contract of a plug-in: ``forward(x, inplace)`` on a stage's output map, ``describe()`` for the spec.
+
+    ``gated`` plug-ins share the encoder's :class:`SampleFlags` (``shared``, set by ``Encoder.attach``).
+    """
+
+    gated: bool = False
+    shared: SampleFlags | None = None
+
+    def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
 @PLUGINS.register("align")
-class ActivationAlignment(nn.Module):
+class ActivationAlignment(PlugIn):
     """Clamp each unit into ``[lo, hi]`` (fitted on clean activations), then scale it by ``gain``.
 
     Before fitting it is the identity (``lo = -inf``, ``hi = +inf``, ``gain = 1``).
     """
 
+    lo: Tensor
+    hi: Tensor
+    gain: Tensor
+    scale: Tensor  # gated or local plug-ins only
+    gate: Tensor  # gated only
+    spot: Tensor  # local only
+
     def __init__(self, granularity: str, channels: int, size: int, gated: bool = False, detect: bool = True,
-                 score: str = "mean", local: bool = False) -> None:
+                 local: bool = False) -> None:
         super().__init__()
         if not (detect or gated):
             raise ValueError("detect=False is for gated plug-ins: an ungated one aligns every input anyway")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {score!r}")
         self.granularity, self.channels, self.size, self.gated, self.detect = granularity, channels, size, gated, detect
-        self.score = score  # "mean" is what a checkpoint without the key was fitted with
         self.local = local
         shape = unit_shape(granularity, channels, size)
         self.register_buffer("lo", torch.full(shape, -torch.inf))
@@ -157,7 +176,6 @@ class ActivationAlignment(nn.Module):
             self.register_buffer("gate", torch.tensor(torch.inf))  # flags nothing until fitted
         if local:
             self.register_buffer("spot", torch.tensor(torch.inf))  # replaces no position until fitted
-        self.shared: SampleFlags | None = None  # set by Encoder.attach
 
     def forward(self, x: Tensor, inplace: bool = False) -> Tensor:
         """Align ``x``; with ``inplace`` (the encoder's hook, which owns the stage's output) the flagged rows
@@ -222,33 +240,23 @@ class ActivationAlignment(nn.Module):
         return position_excess(cube_norms(x) if self.granularity == "cube" else x, self.hi, self.scale)
 
     def excess(self, x: Tensor) -> Tensor:
-        """Per sample, the excess of its units over ``hi`` in units of their clean ``scale`` (gated only): the
-        mean over the map, or with ``score="peak"`` the largest over positions of the mean over channels.
+        """Per sample, the largest over positions of the channels' mean excess over ``hi``, in units of their
+        clean ``scale`` (gated only).
 
         The gate runs on every input, so it must cost less than the stage it guards: ``relu(v − hi)`` is
-        taken as ``max(v, hi) − hi``, one clamp pass over the map and a matrix-vector product with
-        ``1 / scale``, less the constant ``hi · (1 / scale)`` (30% cheaper than a subtraction and a ReLU).
-        On CPU, units not fitted yet (``hi = +inf``) take the subtraction; an accelerator skips that check
-        (a host wait) and scores an unfitted plug-in NaN, which flags nothing.
+        taken as ``max(v, hi) − hi``, one clamp pass over the map, weighted by ``1 / scale`` and less the
+        constant ``hi · (1 / scale)`` (30% cheaper than a subtraction and a ReLU). On CPU, units not fitted
+        yet (``hi = +inf``) take the subtraction; an accelerator skips that check (a host wait) and scores an
+        unfitted plug-in NaN, which flags nothing.
         """
         values = cube_norms(x) if self.granularity == "cube" else x
         inverse = self.scale.reciprocal()
-        weight = inverse.flatten()
-        offset = self.hi.flatten() @ weight
-        fitted = _dense(values) or bool(torch.isfinite(offset))
+        fitted = _dense(values) or bool(torch.isfinite(self.hi.flatten() @ inverse.flatten()))
         if fitted:
-            over = torch.clamp(values, min=self.hi)
+            mass = (torch.clamp(values, min=self.hi) * inverse).sum(1) - (self.hi * inverse).sum(1)
         else:
-            over, offset = (values - self.hi).relu_(), offset.new_zeros(())
-        if self.score == "peak":  # per position: the channels' weighted excess, (B, H, W); then its maximum
-            mass = (over * inverse).sum(1)
-            if fitted:
-                mass = mass - (self.hi * inverse).sum(1)
-            return mass.flatten(1).amax(1) / values.shape[1]
-        if self.granularity == "channel":
-            positions = over[0, 0].numel()
-            return (over.sum(dim=(2, 3)) @ weight - positions * offset) / (positions * len(weight))
-        return (over.flatten(1) @ weight - offset) / len(weight)
+            mass = ((values - self.hi).relu_() * inverse).sum(1)
+        return mass.flatten(1).amax(1) / values.shape[1]
 
     def unit_values(self, x: Tensor) -> Tensor:
         """What the ranges are about, per sample: ``(B, *unit_shape[1:])``."""
@@ -261,16 +269,15 @@ class ActivationAlignment(nn.Module):
     def describe(self) -> dict[str, Any]:
         return {"kind": "align", "granularity": self.granularity, "channels": self.channels, "size": self.size,
                 **({"gated": True} if self.gated else {}), **({} if self.detect else {"detect": False}),
-                **({"score": self.score} if self.score != "mean" else {}), **({"local": True} if self.local else {})}
+                **({"local": True} if self.local else {})}
 
     def extra_repr(self) -> str:
         return (f"{self.granularity}, channels={self.channels}, size={self.size}" + (", gated" if self.gated else "")
-                + ("" if self.detect else ", detect=False") + ("" if self.score == "mean" else f", score={self.score}")
-                + (", local" if self.local else ""))
+                + ("" if self.detect else ", detect=False") + (", local" if self.local else ""))
 
 
 @PLUGINS.register("class-mask")
-class ClassMask(nn.Module):
+class ClassMask(PlugIn):
     """Class-conditional channel mask (Purifier, ACM MM 2022): ``x · (softmax(aux(GAP(x))) @ mask)``.
 
     An auxiliary linear head reads the pooled map and says which class the input looks like; the mask
@@ -304,6 +311,12 @@ class ClassMask(nn.Module):
         return f"channels={self.channels}, classes={self.classes}"
 
 
-def build_plugin(description: dict[str, Any]) -> nn.Module:
+def build_plugin(description: dict[str, Any]) -> PlugIn:
+    """The plug-in a checkpoint's spec describes (``kind`` and its constructor's arguments)."""
     d = dict(description)
-    return PLUGINS.get(d.pop("kind"))(**d)
+    kind = d.pop("kind", None)
+    try:
+        return PLUGINS.get(str(kind))(**d)
+    except (TypeError, EncoderGuardError) as exc:
+        raise CheckpointError(f"the checkpoint describes a plug-in this version cannot build ({description}: {exc}); "
+                              "purify the original encoder again") from exc

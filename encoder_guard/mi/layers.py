@@ -39,11 +39,13 @@ class LayerMI:
 
 
 @torch.no_grad()
-def tap_samples(encoder: Encoder, images: Tensor, taps: Sequence[int | str], pool: int, batch_size: int = 512) -> tuple[Tensor, list[Tensor]]:
+def tap_samples(encoder: Encoder, images: Tensor, taps: Sequence[int | str], pool: int,
+                batch_size: int = 512) -> tuple[Tensor, list[Tensor]]:
     """Final features ``(N, D)`` and, per tap, pooled-and-flattened activations ``(N, C·pool²)``."""
     was_training = encoder.training
     encoder.eval()
-    finals, maps = [], [[] for _ in taps]
+    finals: list[Tensor] = []
+    maps: list[list[Tensor]] = [[] for _ in taps]
     for batch in images.split(batch_size):
         final, feats = encoder.forward_intermediates(batch, taps)
         finals.append(final)

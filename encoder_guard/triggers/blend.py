@@ -32,7 +32,7 @@ class BlendTrigger(Trigger):
         self.pattern, self.alpha = pattern, float(alpha)
 
     def apply(self, x: Tensor) -> Tensor:
-        check_images(x, int(self.pattern.shape[0]), tuple(self.pattern.shape[1:]))
+        check_images(x, int(self.pattern.shape[0]), (int(self.pattern.shape[1]), int(self.pattern.shape[2])))
         return ((1 - self.alpha) * x + self.alpha * self.pattern.to(x.device, x.dtype)).clamp(0, 1)
 
     def tensors(self) -> dict[str, Tensor]:

@@ -11,7 +11,6 @@ from encoder_guard.triggers.ctrl import CTRLTrigger
 from encoder_guard.triggers.io import load_trigger
 from encoder_guard.triggers.patch import PatchTrigger
 
-
 # Every key build_trigger reads, with its default (None: the kind's own default)
 TRIGGER_KEYS: dict[str, Any] = {"kind": "patch", "size": None, "position": "bottom-right", "pattern": "white", "seed": 0,
                                 "alpha": None, "magnitude": None, "window": None, "frequencies": None}

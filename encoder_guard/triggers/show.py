@@ -37,7 +37,8 @@ def sample_images(trigger: Trigger, dataset: str | None, root: str | None, count
     return ds.images[idx].float().div(255)
 
 
-def trigger_picture(trigger: Trigger, out: Path, dataset: str | None = None, root: str | None = None, count: int = 6, scale: int = 4) -> Path:
+def trigger_picture(trigger: Trigger, out: Path, dataset: str | None = None, root: str | None = None, count: int = 6,
+                    scale: int = 4) -> Path:
     from PIL import Image
 
     clean = sample_images(trigger, dataset, root, count)
