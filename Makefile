@@ -22,6 +22,8 @@ $(FMNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
 
 test: setup data
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup data

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def machine() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
-            "date": time.strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "processor": platform.processor() or platform.machine()}
 
 
-def write_result(name: str, data: dict[str, Any], summary_lines: list[str], tag: str | None = None) -> Path:
-    """Write ``RESULTS/NAME[_TAG].json`` (with the machine) and its Markdown summary, and print the summary."""
-    name = f"{name}_{tag}" if tag else name
+def write_result(name: str, data: dict[str, Any], summary_lines: list[str]) -> Path:
+    """Write ``RESULTS/NAME.json`` (with the machine) and its Markdown summary, and print the summary."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine
 
-from encoder_guard.compare import load_matrix, run_matrix  # noqa: E402
+from encoder_guard.compare import load_matrix, run_matrix
 
 
 def main() -> None:

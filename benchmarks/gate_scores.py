@@ -1,15 +1,18 @@
 """Which of Purifier's gates catches a trigger, scored by the map's mean excess or by its peak.
 
-Usage: python benchmarks/gate_scores.py --encoder runs/bad/encoder.safetensors \
-           --trigger runs/bad/trigger.safetensors --purified runs/defense-T/purifier/encoder.safetensors --tag T
+Usage: python benchmarks/gate_scores.py --encoder runs/badencoder-random9/encoder.safetensors \
+           --trigger runs/badencoder-random9/trigger.safetensors --target 3 \
+           --purified runs/purifier-badencoder-random9/encoder.safetensors
 
-For every detecting gate of the purified encoder (its fitted ``hi`` and ``scale``), the stage maps of the
-encoder *without* plug-ins are scored both ways (``ActivationAlignment.excess`` with ``score`` set to
-``mean`` and to ``peak``) on clean test images and on the same images with the trigger (those not of the
-target class). Each score's threshold is the 0.99 quantile over the first half of the clean images (as
-the gate is calibrated on clean data); the table gives the share of triggered images above it, the share
-of the other clean half above it, and the AUROC. "any tap" flags an image when one of the taps does.
-Writes benchmarks/results/gate_scores_TAG.{json,md}.
+(``--purified``: ``encoder-guard defend purifier --encoder runs/badencoder-random9/encoder.safetensors
+--out runs/purifier-badencoder-random9``.) For every detecting gate of the purified encoder (its fitted
+``hi`` and ``scale``), the stage maps of the encoder *without* plug-ins are scored both ways on clean test
+images and on the same images with the trigger (those not of the target class): ``peak``, the gate's own
+score (``ActivationAlignment.excess``: the channels' mean excess at each position, taken where it is
+largest), and ``mean``, the excess averaged over the whole map. Each score's threshold is the 0.99
+quantile over the first half of the clean images (as the gate is calibrated on clean data); the table
+gives the share of triggered images above it, the share of the other clean half above it, and the AUROC.
+"any tap" flags an image when one of the taps does. Writes benchmarks/results/gate_scores.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,12 +25,22 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
-from encoder_guard.encoders.plugins import SCORES  # noqa: E402
-from encoder_guard.triggers import load_trigger  # noqa: E402
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import load_encoder
+from encoder_guard.encoders.plugins import cube_norms
+from encoder_guard.triggers import load_trigger
+
+SCORES = ("mean", "peak")
+
+
+def score(plugin, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per sample: the gate's peak score, or the units' excess over ``hi`` (in clean ``scale``) averaged over the map."""
+    if kind == "peak":
+        return plugin.excess(x)
+    values = cube_norms(x) if plugin.granularity == "cube" else x
+    return ((values - plugin.hi).relu() / plugin.scale).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -44,7 +57,6 @@ def main() -> None:
     ap.add_argument("--purified", required=True, help="a Purifier / Purifier+ encoder with gated plug-ins")
     ap.add_argument("--images", type=int, default=4000, help="first N test images")
     ap.add_argument("--quantile", type=float, default=0.99)
-    ap.add_argument("--tag", required=True)
     args = ap.parse_args()
 
     original = load_encoder(args.encoder).eval()
@@ -66,18 +78,17 @@ def main() -> None:
     with torch.no_grad():
         for tap, mc, mt in zip(taps, clean_maps, trig_maps):
             plugin = gates[tap]
-            for score in SCORES:
-                plugin.score = score
-                sc, st = plugin.excess(mc), plugin.excess(mt)
+            for kind in SCORES:
+                sc, st = score(plugin, mc, kind), score(plugin, mt, kind)
                 thr = torch.quantile(sc[:half], args.quantile)
                 held = sc[half:]
                 auc = roc_auc_score([0] * len(held) + [1] * len(st), torch.cat([held, st]).numpy())
-                flags[score][0].append(held > thr)
-                flags[score][1].append(st > thr)
-                rows.append({"tap": tap, "score": score, "auroc": auc, "triggered_caught": float((st > thr).float().mean()),
+                flags[kind][0].append(held > thr)
+                flags[kind][1].append(st > thr)
+                rows.append({"tap": tap, "score": kind, "auroc": auc, "triggered_caught": float((st > thr).float().mean()),
                              "clean_caught": float((held > thr).float().mean())})
-    for score, (clean, trig) in flags.items():
-        rows.append({"tap": "any tap", "score": score, "auroc": None,
+    for kind, (clean, trig) in flags.items():
+        rows.append({"tap": "any tap", "score": kind, "auroc": None,
                      "triggered_caught": float(torch.stack(trig).any(0).float().mean()),
                      "clean_caught": float(torch.stack(clean).any(0).float().mean())})
     lines = [f"## Gate scores: {args.encoder} with {trigger!r}, gates of {args.purified}", "",
@@ -86,7 +97,7 @@ def main() -> None:
              "| tap | score | triggered caught | clean caught | AUROC |", "|---|---|---|---|---|"]
     lines += [f"| {r['tap']} | {r['score']} | {100 * r['triggered_caught']:.1f}% | {100 * r['clean_caught']:.1f}% | "
               + ("" if r["auroc"] is None else f"{r['auroc']:.4f}") + " |" for r in rows]
-    write_result(f"gate_scores_{args.tag}", {"args": vars(args), "rows": rows}, lines)
+    write_result("gate_scores", {"args": vars(args), "rows": rows}, lines)
 
 
 if __name__ == "__main__":

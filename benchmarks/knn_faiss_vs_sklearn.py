@@ -2,9 +2,10 @@
 
 Both feed the same weighted vote (k=200, T=0.1); reports each one's time, the ratio and the share of
 identical predictions. Features: clustered Gaussians of the given size (default 60k×512 bank, 10k
-queries, as in DESIGN.md), or an encoder's real Fashion-MNIST features with --encoder.
+queries, the sizes of Fashion-MNIST's two splits), or an encoder's real Fashion-MNIST features with --encoder.
 
-Usage: python benchmarks/knn_faiss_vs_sklearn.py [--n 60000 --q 10000 --d 512] [--encoder CKPT]
+Usage: python benchmarks/knn_faiss_vs_sklearn.py [--n 60000 --q 10000 --d 512] [--encoder runs/clean/encoder.safetensors]
+Writes benchmarks/results/knn_faiss_vs_sklearn.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from downstream.knn import knn_predict  # noqa: E402
+from downstream.knn import knn_predict
 
 
 def sklearn_knn_predict(train: torch.Tensor, labels: torch.Tensor, test: torch.Tensor, n_cls: int, k: int, t: float) -> torch.Tensor:

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
-from encoder_guard.mi import MINE, layer_mutual_information  # noqa: E402
-from encoder_guard.mi.layers import mi_weights  # noqa: E402
-from encoder_guard.utils import seeded_choice  # noqa: E402
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import load_encoder
+from encoder_guard.mi import MINE, layer_mutual_information
+from encoder_guard.mi.layers import mi_weights
+from encoder_guard.utils import seeded_choice
 
 
 def main() -> None:

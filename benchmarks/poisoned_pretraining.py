@@ -6,9 +6,9 @@ clean encoder (chance level). A cell whose encoder exists is not retrained; one 
 
 Usage: python benchmarks/poisoned_pretraining.py [--methods simclr byol] [--kinds patch ctrl]
        [--rates 0.05 0.01] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
-       [--set optim.epochs=2 ...] [--tag NAME] [--report-only]
-Writes RUN/eval.json per cell (read back, not recomputed, on a rerun) and benchmarks/results/poisoned_pretraining[_TAG].{json,md}; ``--report-only``
-tabulates the cells already trained (others are listed as not run) without training any.
+       [--set optim.epochs=2 ...] [--report-only]
+Writes RUN/eval.json per cell (read back, not recomputed, on a rerun) and benchmarks/results/poisoned_pretraining.{json,md};
+``--report-only`` tabulates the cells already trained (others are listed as not run) without training any.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from downstream import EvalConfig, evaluate_encoder  # noqa: E402
-from encoder_guard.config import load_config  # noqa: E402
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
-from encoder_guard.triggers import load_trigger  # noqa: E402
-from pretrain import pretrain  # noqa: E402
-from pretrain.trainer import CHECKPOINT  # noqa: E402
+from downstream import EvalConfig, evaluate_encoder
+from encoder_guard.config import load_config
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import load_encoder
+from encoder_guard.triggers import load_trigger
+from pretrain import pretrain
+from pretrain.trainer import CHECKPOINT
 
 PRESETS = {"simclr": "fmnist-tiny", "byol": "fmnist-tiny-byol"}
 
@@ -39,7 +39,7 @@ def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overr
     out = root / f"{method}-{kind}-{rate:g}"
     sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", *overrides]
     if (out / "encoder.safetensors").exists():  # trained by an earlier run: the training loop's own time
-        return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_this_session", float("nan"))
+        return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_since_resume", float("nan"))
     if not train:
         return out, None
     cfg = load_config(PRESETS[method], "pretrain", sets)
@@ -57,7 +57,6 @@ def main() -> None:
     ap.add_argument("--reference", default="runs/clean/encoder.safetensors")
     ap.add_argument("--root", default="runs/poison")
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--tag", default=None)
     ap.add_argument("--report-only", action="store_true", help="tabulate trained cells, train none")
     args = ap.parse_args()
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -90,7 +89,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row))
     lines = [f"## Poisoned pretraining, target class {args.target} {' '.join(args.set)}", "",
-             "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN | same trigger on clean encoder (lin / kNN) | pretraining |",
+             "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN "
+             "| same trigger on clean encoder (lin / kNN) | pretraining |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["run"] is None:
@@ -99,8 +99,7 @@ def main() -> None:
         ref = f"{r['ref_asr_linear']:.1%} / {r['ref_asr_knn']:.1%}" if "ref_asr_linear" in r else "—"
         lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
                      f"{r['asr_linear']:.2%} | {r['asr_knn']:.2%} | {ref} | {r['pretrain_seconds'] / 60:.1f} min |")
-    write_result("poisoned_pretraining", {"overrides": args.set, "reference": args.reference, "rows": rows}, lines,
-                 tag=args.tag)
+    write_result("poisoned_pretraining", {"overrides": args.set, "reference": args.reference, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pretrain a preset and evaluate it on Fashion-MNIST: CA (linear, kNN) and wall times.
 
-Usage: python benchmarks/preset_accuracy.py fmnist-tiny [--set optim.epochs=2 ...] [--out runs/NAME]
-Writes benchmarks/results/preset_<preset>[_<tag>].json.
+Usage: python benchmarks/preset_accuracy.py fmnist-tiny [--set optim.epochs=2 ...] [--out runs/bench-fmnist-tiny]
+Writes benchmarks/results/preset_accuracy.{json,md}.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from downstream import EvalConfig, evaluate_encoder  # noqa: E402
-from encoder_guard.config import load_config  # noqa: E402
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
-from pretrain import pretrain  # noqa: E402
+from downstream import EvalConfig, evaluate_encoder
+from encoder_guard.config import load_config
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import load_encoder
+from pretrain import pretrain
 
 
 def main() -> None:
@@ -26,9 +26,8 @@ def main() -> None:
     ap.add_argument("preset")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--tag", default=None)
     args = ap.parse_args()
-    out = Path(args.out or f"runs/bench-{args.preset}{'-' + args.tag if args.tag else ''}")
+    out = Path(args.out or f"runs/bench-{args.preset}")
     cfg = load_config(args.preset, "pretrain", args.set)
     t0 = time.perf_counter()
     summary = pretrain(cfg, out)
@@ -40,10 +39,9 @@ def main() -> None:
     data = {"preset": args.preset, "overrides": args.set, "run": str(out), "ca_linear": m["ca_linear"], "ca_knn": m["ca_knn"],
             "epochs": summary["epochs"], "pretrain_seconds": t_pre, "total_seconds": total,
             "images_per_second": summary["images_per_second"]}
-    name = f"preset_{args.preset}" + (f"_{args.tag}" if args.tag else "")
-    write_result(name, data, [f"## {args.preset} {' '.join(args.set)}",
-                              f"CA linear {m['ca_linear']:.2%}, CA kNN {m['ca_knn']:.2%}; pretraining {t_pre / 60:.1f} min, "
-                              f"total {total / 60:.1f} min"])
+    write_result("preset_accuracy", data, [f"## {args.preset} {' '.join(args.set)}",
+                                           f"CA linear {m['ca_linear']:.2%}, CA kNN {m['ca_knn']:.2%}; "
+                                           f"pretraining {t_pre / 60:.1f} min, total {total / 60:.1f} min"])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Inference cost of Purifier's plug-ins: images/s of a purified encoder vs the same encoder without them.
 
-Usage: python benchmarks/purifier_throughput.py --original runs/bad/encoder.safetensors \
-           --purified runs/purifier/encoder.safetensors [--purified runs/pp/encoder.safetensors ...]
+Usage: python benchmarks/purifier_throughput.py --original runs/badencoder/encoder.safetensors \
+           --purified runs/purifier-badencoder/encoder.safetensors \
+           [--purified runs/purifier-plus-badencoder/encoder.safetensors ...]
+
+(``encoder-guard defend purifier|purifier-plus --encoder runs/badencoder/encoder.safetensors --out RUN``.)
 
 Times ``encoder(x)`` on batches of 512 Fashion-MNIST test images (no grad, eval mode; ``--device cuda``
 synchronises before each clock read, so a batch's time includes its kernels). The encoders take
 turns batch by batch (in alternating order), so that a noisy neighbour on a shared machine hits them
 alike; the ratio is the median over batches of the paired ``original time / purified time``, and
 images/s come from each encoder's median batch time.
-Writes benchmarks/results/purifier_throughput.json and .md.
+Writes benchmarks/results/purifier_throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import load_encoder
 
 
 @torch.no_grad()
@@ -46,7 +49,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--tag", default=None, help="writes purifier_throughput_<tag>.* instead of purifier_throughput.*")
     args = ap.parse_args()
     encoders = {"original": load_encoder(args.original).eval().to(args.device)}
     for p in args.purified:
@@ -67,9 +69,10 @@ def main() -> None:
     where = torch.cuda.get_device_name() if x.is_cuda else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"## Inference throughput, {len(x)} images in batches of {args.batch_size}, {args.rounds} rounds, paired per "
              f"batch, {where}", "", "| encoder | plug-ins | images/s | ratio to original |", "|---|---|---|---|"]
-    lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} | {r['ratio_to_original']:.2f} |" for r in rows]
+    lines += [f"| {r['encoder']} | {', '.join(r['plugins']) or '-'} | {r['images_per_second']:.0f} "
+              f"| {r['ratio_to_original']:.2f} |" for r in rows]
     write_result("purifier_throughput", {"rows": rows, "rounds": args.rounds, "images": len(x),
-                                         "batch_size": args.batch_size, "device": where}, lines, tag=args.tag)
+                                         "batch_size": args.batch_size, "device": where}, lines)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """TAC's target test over seeds: detection rate on backdoored classifiers, false alarms on clean ones.
 
 Usage:
-  python benchmarks/tac_detection.py --clean runs/clean/encoder.safetensors --bad runs/bad/encoder.safetensors \
-      --trigger runs/bad/trigger.safetensors --seeds 10 [--alpha 0.05] [--tag TAG]
+  python benchmarks/tac_detection.py --clean runs/clean/encoder.safetensors \
+      --bad runs/badencoder-random6/encoder.safetensors --bad-target 8 \
+      --trigger runs/badencoder-random6/trigger.safetensors --seeds 10 --rates 0.05 [--alpha 0.05]
 
 Per seed k (seed k also picks the BadNets target class k mod 10 and the clean reference subset):
 - ``clean``: the clean encoder under a probe trained on the clean training set (a false alarm if flagged);
 - ``badnets-R``: the clean encoder under a probe trained on a set BadNets-poisoned at rate R to target k;
 - ``badencoder``: the BadEncoder encoder (its fixed target) under a clean probe (seed: probe and references).
-Writes benchmarks/results/tac_detection[_TAG].json and .md.
+Writes benchmarks/results/tac_detection.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from downstream.features import cached_features  # noqa: E402
-from encoder_guard.defenses.downstream import deployed_classifier, downstream_setup  # noqa: E402
-from encoder_guard.defenses.tac import detect  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
+from downstream.features import cached_features
+from encoder_guard.defenses.tac import detect
+from encoder_guard.encoders import load_encoder
+from encoder_guard.threats import deployed_classifier, downstream_setup
 
 
 def one(encoder, trigger: str, target: int, rate: float, seed: int, alpha: float) -> dict:
@@ -44,7 +45,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.01, 0.05])
     ap.add_argument("--alpha", type=float, default=0.05)
-    ap.add_argument("--tag", default=None, help="results go to tac_detection_TAG.{json,md}")
     args = ap.parse_args()
     clean, bad = load_encoder(args.clean), load_encoder(args.bad)
     rows = {"clean": [], "badencoder": [], **{f"badnets-{r:g}": [] for r in args.rates}}
@@ -66,7 +66,7 @@ def main() -> None:
         summary[name] = {"flagged": flagged, "correct": right, "n": len(rs)}
         lines.append(f"| {name} | {where} | {flagged}/{len(rs)} | {right if name != 'clean' else '—'}/{len(rs)} | "
                      f"{100 * sum(r['asr'] for r in rs) / len(rs):.1f}% | {ps[len(ps) // 2]:.3g} |")
-    write_result("tac_detection", {"args": vars(args), "summary": summary, "rows": rows}, lines, tag=args.tag)
+    write_result("tac_detection", {"args": vars(args), "summary": summary, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

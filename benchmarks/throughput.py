@@ -6,6 +6,7 @@
   a research script would do; shows whether PIL augmentation starves the model on this machine.
 
 Usage: python benchmarks/throughput.py [--steps 30] [--batch 256]
+Writes benchmarks/results/throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from encoder_guard.config import load_config  # noqa: E402
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import Encoder, make_spec  # noqa: E402
-from encoder_guard.utils import resolve_precision  # noqa: E402
-from pretrain import pretrain  # noqa: E402
-from pretrain.timing import step_seconds  # noqa: E402
-from pretrain.trainer import build_method  # noqa: E402
+from encoder_guard.config import load_config
+from encoder_guard.data import load_dataset
+from encoder_guard.encoders import Encoder, make_spec
+from encoder_guard.utils import resolve_precision
+from pretrain import pretrain
+from pretrain.timing import step_seconds
+from pretrain.trainer import build_method
 
 
 def pil_step_time(cfg: dict, batch: int, steps: int, workers: int) -> float:
@@ -54,12 +55,18 @@ def pil_step_time(cfg: dict, batch: int, steps: int, workers: int) -> float:
     loader = DataLoader(PilViews(), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                         persistent_workers=False)
     it = iter(loader)
+
+    def step() -> None:
+        loss = method([v[:, :1] for v in next(it)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     for _ in range(2):
-        views = next(it); loss = method([v[:, :1] for v in views]); opt.zero_grad(); loss.backward(); opt.step()
+        step()
     t0 = time.perf_counter()
     for _ in range(steps):
-        views = next(it)
-        loss = method([v[:, :1] for v in views]); opt.zero_grad(); loss.backward(); opt.step()
+        step()
     return (time.perf_counter() - t0) / steps
 
 
@@ -102,7 +109,7 @@ def main() -> None:
         "|---|---|---|---|",
         f"| raw forward+backward (pre-made tensors), {precision}, channels_last={data['channels_last']} "
         f"| {raw:.3f} | {args.batch / raw:.0f} | 1.00 |",
-        f"| same in fp32, contiguous layout (the preset before mixed precision) | {raw_fp32:.3f} | {args.batch / raw_fp32:.0f} "
+        f"| same in fp32, contiguous layout (fp32) | {raw_fp32:.3f} | {args.batch / raw_fp32:.0f} "
         f"| {raw / raw_fp32:.2f} |",
         f"| encoder_guard loop (batched tensor augmentation) | {loop_step:.3f} | {args.batch / loop_step:.0f} | {raw / loop_step:.2f} |",
     ]

@@ -1,11 +1,11 @@
 """Is the trigger the smallest input patch into its target? Mask inversion on backdoored and clean encoders.
 
 Usage:
-  python benchmarks/trigger_inversion.py --encoder bad=runs/bad/encoder.safetensors \
-      --encoder clean=runs/clean/encoder.safetensors --trigger runs/bad/trigger.safetensors --target 0 --seeds 0 1 2
+  python benchmarks/trigger_inversion.py --encoder bad=runs/badencoder/encoder.safetensors \
+      --encoder clean=runs/clean/encoder.safetensors --trigger runs/badencoder/trigger.safetensors --target 0 --seeds 0 1 2
 
 TAC's target test (``encoder_guard/defenses/tac.py``) looks for a class that every input is a small
-*latent* shift away from; under a clean probe a backdoored encoder offers no such shift (README). This
+*latent* shift away from; under a clean probe a backdoored encoder offers no such shift. This
 asks the same question in input space, where a patch trigger is a shared change, with two inversions of
 an input mask ``m`` and pattern ``p`` (stamped as ``(1 − m)·x + m·p``, Adam on ``sigmoid``
 parameters, the L1 weight on ``m`` raised while the goal holds and lowered while it does not):
@@ -17,7 +17,7 @@ parameters, the L1 weight on ``m`` raised while the goal holds and lowered while
 
 A backdoor is detectable this way when the target's smallest mask is well below every other class's
 and below what a clean encoder needs. Beside them, the real trigger's changed pixels and its success.
-Writes benchmarks/results/trigger_inversion.json and .md.
+Writes benchmarks/results/trigger_inversion.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from encoder_guard.defenses.downstream import deployed_classifier, downstream_setup  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
+from encoder_guard.encoders import load_encoder
+from encoder_guard.threats import deployed_classifier, downstream_setup
 
 
 def invert(goal: Callable[[Tensor], tuple[Tensor, bool]], x: Tensor, steps: int, lr: float = 0.1) -> float:

@@ -1,16 +1,16 @@
 """How often augmented clean views already set off an encoder's backdoor: what a distilling teacher shows.
 
 Usage:
-  python benchmarks/view_response.py --encoder bad=runs/bad/encoder.safetensors:0 \
+  python benchmarks/view_response.py --encoder bad=runs/badencoder/encoder.safetensors:0 \
       --encoder clean=runs/clean/encoder.safetensors:0 --view preset --view 'weak={crop_scale: [0.8, 1.0], jitter_p: 0.0}'
 
 For each encoder (``LABEL=PATH:TARGET``) a linear probe is fitted on the full Fashion-MNIST training set;
 then 3,000 clean training images outside the target class are augmented with each view setting (MIMIC's
-preset augmentation, overridden key by key) and the share of views the probe puts in the target class is
-reported (mean of 4 draws). A backdoored encoder that sends more views to its target than the clean
-encoder does is being triggered by the augmentation itself, and a student distilled on those views
-learns that response (benchmarks/RESULTS.md, "MIMIC's teacher views").
-Writes benchmarks/results/view_response.json and .md.
+preset augmentation, its ``augment`` hyperparameter, overridden key by key) and the share of views the
+probe puts in the target class is reported (mean of 4 draws). A backdoored encoder that sends more
+views to its target than the clean encoder does is being triggered by the augmentation itself, and a
+student distilled on those views learns that response.
+Writes benchmarks/results/view_response.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import write_result
 
-from downstream.classifier import fit_classifier  # noqa: E402
-from encoder_guard.config import load_config  # noqa: E402
-from encoder_guard.data import load_dataset  # noqa: E402
-from encoder_guard.encoders import load_encoder  # noqa: E402
-from pretrain.augment import ViewConfig, augment  # noqa: E402
+from downstream.classifier import fit_classifier
+from encoder_guard.augment import ViewConfig, augment
+from encoder_guard.data import load_dataset
+from encoder_guard.defenses import DEFENSES
+from encoder_guard.encoders import load_encoder
 
 
 def parse_view(text: str) -> tuple[str, dict]:
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    base = load_config("mimic", "defend", [])["defense"]["augment"]
+    base = DEFENSES.get("mimic")().hparams()["augment"]
     views = dict(parse_view(v) for v in (args.view or ["preset"]))
     train = load_dataset("fashion-mnist", "train")
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.images]

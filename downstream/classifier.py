@@ -8,7 +8,6 @@ activation clipping) sits in front of it. Saved as ``head.safetensors`` next to 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -129,10 +128,6 @@ def load_classifier(directory: str | os.PathLike) -> Classifier:
     d = Path(directory)
     encoder = load_encoder(d / ENCODER_FILE)
     return Classifier(encoder, load_head(d / HEAD_FILE, encoder.feature_dim))
-
-
-def describe_head(head: Head) -> str:
-    return json.dumps({"classes": head.linear.out_features, "dim": head.linear.in_features, "clipped": head.clipped})
 
 
 def fit_classifier(encoder: Encoder, train, weight_decay: float = 1e-4, seed: int = 0, cache: bool = True) -> Classifier:

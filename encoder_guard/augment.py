@@ -11,8 +11,10 @@ probability ``jitter_p`` (brightness, contrast, saturation; fixed order rather t
 order), random grayscale (RGB only), Gaussian blur with probability ``blur_p``, solarisation with
 probability ``solarize_p`` (BYOL's second view, [1]).
 
-- [0] SimCLR, Chen et al., ICML 2020, https://arxiv.org/abs/2002.05709
-- [1] BYOL, Grill et al., NeurIPS 2020, https://arxiv.org/abs/2006.07733
+- [0] A Simple Framework for Contrastive Learning of Visual Representations (SimCLR), Ting Chen et al., ICML 2020,
+  arXiv 2002.05709
+- [1] Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning (BYOL), Jean-Bastien Grill et al.,
+  NeurIPS 2020, arXiv 2006.07733
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from encoder_guard.errors import EncoderGuardError
 _INSTALLED = Path(__file__).resolve().parent / "presets"
 CONFIG_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
-# Sections whose keys are open: the class they configure validates them (an SSL method, EncoderSpec, an
-# attack, a defense), so a preset states only what differs from the class's defaults.
-OPEN_SECTIONS = ("method", "model", "attack", "defense")
+# Sections whose keys are open: the class they configure validates them (an SSL method, EncoderSpec, the
+# view augmentation, an attack, a defense), so a preset states only what differs from the class's defaults.
+OPEN_SECTIONS = ("method", "model", "augment", "attack", "defense")
 
 
 def resolve_config_path(name_or_path: str | Path, family: str) -> Path:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private feature cache per test session, tiny configs, fixed threads."""
+"""Shared fixtures: a private feature cache for the test run, fixed threads, a tiny encoder, tiny configs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from encoder_guard.config import load_config
+from encoder_guard.encoders import Encoder, make_spec
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and never oversubscribes the 2 cores
 
@@ -22,3 +23,10 @@ def tiny_cfg() -> dict:
         "data.dataset=synthetic", "optim.batch_size=64", "optim.epochs=2", "optim.warmup_epochs=0.5",
         "train.threads=1",
     ])
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    """A seeded, untrained ResNet-10 for 16×16 grayscale images (one per test module, in eval mode)."""
+    torch.manual_seed(0)
+    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()

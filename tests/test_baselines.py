@@ -13,16 +13,9 @@ from encoder_guard.defenses.anp import ANP
 from encoder_guard.defenses.base import DefenseData, DownstreamData
 from encoder_guard.defenses.clp import CLP, channel_lipschitz, conv_bn_pairs
 from encoder_guard.defenses.fine_pruning import FinePruning
-from encoder_guard.encoders import Encoder, make_spec
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
 from encoder_guard.triggers.poison import poison_downstream
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
 
 
 @pytest.fixture(scope="module")

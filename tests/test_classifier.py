@@ -26,12 +26,6 @@ from encoder_guard.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
-
-
-@pytest.fixture(scope="module")
 def train():
     return make_synthetic(size=256, image_size=16, seed=0)
 

@@ -476,6 +476,25 @@ def test_imagefolder_splits_and_resize(tmp_path: Path) -> None:
     assert test.meta["path"] == str(tmp_path / "test")
 
 
+def test_imagefolder_keeps_its_images_own_size_and_channels(tmp_path: Path) -> None:
+    """A folder of 28-px grayscale images stays 28-px grayscale: an encoder of that input takes it unconverted."""
+    from PIL import Image
+
+    from encoder_guard.adapt import adapt_dataset
+    from encoder_guard.encoders import make_spec
+
+    for c, cls in enumerate(("shoe", "bag")):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.new("L", (28, 28), 40 * c + k).save(tmp_path / "train" / cls / f"{k}.png")
+    ds = load_dataset("imagefolder", "train", root=tmp_path, download=False)
+    assert ds.images.shape == (4, 1, 28, 28) and not ds.meta["resized"]
+    assert ds.images[:, 0, 0, 0].tolist() == [40, 41, 0, 1]  # classes in sorted order: bag, shoe
+    assert adapt_dataset(ds, make_spec("resnet10-tiny"))[1] == []  # nothing to convert for a 28-px grayscale encoder
+    rgb = load_dataset("imagefolder", "train", root=tmp_path, image_size=16, download=False)
+    assert rgb.images.shape == (4, 1, 16, 16) and rgb.meta["resized"]  # resized when asked, still grayscale
+
+
 def test_imagefolder_val_and_flat_layouts(tmp_path: Path) -> None:
     write_imagefolder(tmp_path / "a", "val", {"x": [(10, 10)], "y": [(10, 10)]})
     ds = load_dataset("imagefolder", "test", root=tmp_path / "a", download=False)

@@ -9,7 +9,7 @@ from pretrain.timing import step_seconds
 
 def test_demo_epochs_fill_the_budget_within_their_bounds():
     assert demo_epochs(0.20, 234, budget_s=300) == DEMO_EPOCHS  # 47 s an epoch: 6 fit, 6 is the cap
-    assert demo_epochs(0.226, 234) == DEMO_EPOCHS and demo_epochs(0.59, 234) == 2  # the two CPUs measured (README)
+    assert demo_epochs(0.226, 234) == DEMO_EPOCHS and demo_epochs(0.59, 234) == 2  # two CPUs: with native bf16 and without
     assert demo_epochs(0.30, 234, budget_s=300) == 4  # 70 s an epoch
     assert demo_epochs(0.56, 234, budget_s=300) == 2  # 131 s an epoch
     assert demo_epochs(5.0, 234, budget_s=300) == MIN_EPOCHS  # nothing fits: the floor, not zero

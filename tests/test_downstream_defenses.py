@@ -27,17 +27,11 @@ from encoder_guard.defenses.padft import (
 )
 from encoder_guard.defenses.runner import defend_config, run_defense
 from encoder_guard.defenses.tail import Tail, fit_minibatches
-from encoder_guard.encoders import Encoder, make_spec, save_encoder
+from encoder_guard.encoders import save_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import deployed_classifier, downstream_setup
 from encoder_guard.triggers import PatchTrigger, save_trigger
 from encoder_guard.triggers.poison import poison_downstream
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +279,7 @@ def test_hidden_sources_finds_a_source_whose_stamped_images_read_as_the_target_a
 def test_hidden_sources_ranks_a_look_alike_source_s_candidates_by_confidence():
     """The target 0 sits midway between classes 1 and 3, so a scorer without the target sends its clean samples
     to both, unsure. Class 1's 40 stamped images read as the target (hidden); its candidates are those 40 and
-    about half of the 300 clean target samples (238 in all, which session 24's bound refused). The 40 most
+    about half of the 300 clean target samples (238 in all, which a bound of twice the missing count refused). The 40 most
     confident are the stamped ones."""
     g = torch.Generator().manual_seed(1)
     centers = 4 * torch.randn(5, 16, generator=g)

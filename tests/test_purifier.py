@@ -9,15 +9,9 @@ from encoder_guard.data import make_synthetic
 from encoder_guard.defenses import DEFENSES, DefenseData
 from encoder_guard.defenses.purifier import Purifier, PurifierPlus
 from encoder_guard.defenses.runner import defend_config, run_defense
-from encoder_guard.encoders import Encoder, load_encoder, make_spec, save_encoder
+from encoder_guard.encoders import load_encoder, save_encoder
 from encoder_guard.encoders.plugins import ActivationAlignment
 from encoder_guard.errors import CheckpointError
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
 
 
 @pytest.fixture(scope="module")

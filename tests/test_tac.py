@@ -13,14 +13,8 @@ from encoder_guard.cli import main
 from encoder_guard.data import make_synthetic, take_subset
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.tac import TAC, class_constraints, detect, min_shift, shifts, smallest_outlier_test
-from encoder_guard.encoders import Encoder, make_spec, save_encoder
+from encoder_guard.encoders import save_encoder
 from encoder_guard.errors import EncoderGuardError
-
-
-@pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    torch.manual_seed(0)
-    return Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
 
 
 def slsqp_min_shift(a: np.ndarray, r: np.ndarray) -> np.ndarray:

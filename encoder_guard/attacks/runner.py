@@ -61,8 +61,13 @@ def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resu
     every process trains its share of each batch, rank 0 writes)."""
     train = cfg.get("train") or {}
     info = init_distributed(train.get("device"))
-    run = RunDir(out, cfg)
     seed = int(cfg.get("seed", 0))
+    try:
+        attack = ATTACKS.get(name)(**{**(cfg.get("attack") or {}), "seed": seed, "device": train.get("device", "cpu")})
+    except (TypeError, ValueError) as exc:
+        raise EncoderGuardError(f"attack {name}: {exc}; change that value in the config or its --set") from exc
+    resolved = {k: v for k, v in attack.hparams().items() if k not in ("seed", "device")}
+    run = RunDir(out, dict(cfg, attack=resolved))
     if train.get("threads"):
         torch.set_num_threads(int(train["threads"]))
     s = cfg["shadow"]
@@ -72,10 +77,6 @@ def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resu
     target = int(cfg["target"])
     trigger = build_trigger(cfg.get("trigger") or {}, encoder.spec.input_size, encoder.spec.in_chans)
     refs = reference_images(cfg, target, encoder, seed)
-    try:
-        attack = ATTACKS.get(name)(**{**(cfg.get("attack") or {}), "seed": seed, "device": train.get("device", "cpu")})
-    except (TypeError, ValueError) as exc:
-        raise EncoderGuardError(f"attack {name}: {exc}; change that value in the config or its --set") from exc
     run.logger.info(f"{name} → {out}: target {target}, {len(shadow)} shadow images, {len(refs)} references, {trigger!r}, "
                     f"{info.world} process(es)")
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Fashion-MNIST from IDX files (gzipped or not), wherever they are.
 
-- [0] Fashion-MNIST, Xiao et al., 2017, https://arxiv.org/abs/1708.07747
+- [0] Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms, Han Xiao, Kashif Rasul
+  and Roland Vollgraf, 2017, arXiv 1708.07747
 
 Looked for, in order: the ``root`` the user gave (the folder with the IDX files, or a torchvision root
 holding ``FashionMNIST/raw``), ``$ENCODER_GUARD_FMNIST``, and Debian's ``dataset-fashion-mnist`` package

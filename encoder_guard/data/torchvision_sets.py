@@ -3,8 +3,13 @@
 Nothing is downloaded unless the user asks (``download=True`` / ``--download``); a missing set raises
 :class:`DatasetNotFoundError` naming the folder torchvision expects and how to fetch it.
 
-- [0] CIFAR-10, Krizhevsky, 2009. - [1] STL-10, Coates et al., AISTATS 2011.
-- [2] SVHN, Netzer et al., 2011. - [3] GTSRB, Stallkamp et al., IJCNN 2011.
+- [0] CIFAR-10: Learning Multiple Layers of Features from Tiny Images, Alex Krizhevsky, technical report, 2009
+- [1] STL-10: An Analysis of Single-Layer Networks in Unsupervised Feature Learning, Adam Coates, Honglak Lee and
+  Andrew Y. Ng, AISTATS 2011
+- [2] SVHN: Reading Digits in Natural Images with Unsupervised Feature Learning, Yuval Netzer et al., NIPS Workshop
+  on Deep Learning and Unsupervised Feature Learning 2011
+- [3] GTSRB: The German Traffic Sign Recognition Benchmark: A multi-class classification competition, Johannes
+  Stallkamp et al., IJCNN 2011, DOI 10.1109/IJCNN.2011.6033395
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ANP: adversarial neuron pruning.
 
-- [0] Adversarial Neuron Perturbation Exposes Backdoors, Wu & Wang, NeurIPS 2021,
-  https://arxiv.org/abs/2110.14430
+- [0] Adversarial Neuron Pruning Purifies Backdoored Deep Models, Dongxian Wu and Yisen Wang, NeurIPS 2021,
+  arXiv 2110.14430
 
 Backdoor neurons are the ones whose small multiplicative perturbation collapses the model onto a class:
 under adversarial perturbation of each neuron's gain and bias (relative size ``eps``), a backdoored

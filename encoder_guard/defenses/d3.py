@@ -1,6 +1,7 @@
 """D3: distance-driven detoxification of a downstream classifier.
 
-- [0] D3: Distance-Driven Detoxification, arXiv 2411.09585
+- [0] Backdoor Mitigation by Distance-Driven Detoxification, Shaokui Wei, Jiayin Liu and Hongyuan Zha, ICCV 2025,
+  arXiv 2411.09585
 
 A backdoor lives in weight directions that clean data does not constrain: the clean task only pins
 down the weights' projection on what clean inputs exercise. D3 therefore pushes the chosen weights as
@@ -14,9 +15,13 @@ function). λ rises by dual ascent while the mean clean loss exceeds ε. A recov
 clean-loss descent from the far point follows (``recover_steps``, 600; norms still fixed): it settles the
 rotated weights back onto the clean task without pulling them toward W⁰ (the relative distance stays where
 the first phase left it). Under BadNets poisoning 600 steps cost less CA than 200 at the same ASR, and take
-BadNets' 3×3 patch under 2% where 200 do not (benchmarks/RESULTS.md, "BadNets-style triggers"); under a backdoored
+BadNets' 3×3 patch under 2% where 200 do not; under a backdoored
 encoder, a shorter recovery leaves a lower ASR only by leaving the classifier unrecovered. Labels of a
 small clean set (5% by default) are what it needs; nothing about the trigger.
+
+The preset departs from [0] (``docs/methods.md``): it trains the tail from the deployed weights rather than
+the whole model with a re-initialised last layer, bounds the batch-mean loss, raises λ by dual ascent, sets ε
+from the starting loss and adds the recovery phase.
 
 Weights: ``layers = head`` changes only the linear head (the classifier's last layer); a tap name
 (e.g. ``layer3``) also changes every stage after it. ε is ``epsilon`` if given, else

@@ -1,11 +1,15 @@
 """PAD-FT: purify the downstream training set, clip activations, fine-tune the last layer.
 
-- [0] PAD-FT: A Lightweight Defense for Backdoor Attacks via Data Purification and Fine-Tuning,
-  Xu, Gu & Sakurai, arXiv 2409.12072
+- [0] PAD-FT: A Lightweight Defense for Backdoor Attacks via Data Purification and Fine-Tuning, Yukai Xu,
+  Yujie Gu and Kouichi Sakurai, arXiv 2409.12072, 2024
+- [1] Detecting Backdoor Attacks on Deep Neural Networks by Activation Clustering, Bryant Chen et al., AAAI
+  SafeAI Workshop 2019, arXiv 1811.03728
+- [2] Symmetric Cross Entropy for Robust Learning with Noisy Labels, Yisen Wang et al., ICCV 2019, arXiv 1908.06112
 
-No clean data beyond the (possibly poisoned) training set the classifier was trained on:
+No clean data beyond the (possibly poisoned) training set the classifier was trained on. The preset is PAD-FT
+with the additions marked below (``docs/methods.md`` gives the measurement behind each):
 
-0. **Cluster guard** (an addition to [0], after Activation Clustering, Chen et al., arXiv 1811.03728).
+0. **Cluster guard** (an addition to [0], after Activation Clustering [1]).
    Each class's frozen features are split by 2-means; a class whose split is far cleaner than the
    others' (its silhouette at least ``cluster_ratio`` times the median class's) holds a second
    population, and its smaller cluster is set aside before any scoring. This is for the triggers step 1
@@ -13,7 +17,7 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    gives its poisoned samples as low a loss as clean ones, but on a clean encoder those samples also
    sit together, away from their labelled class.
 1. **Self-purification.** A fresh linear scorer is fitted on the training set's frozen features with the
-   symmetric cross-entropy (SCE = α·CE + β·RCE, Wang et al., ICCV 2019). RCE's loss is bounded
+   symmetric cross-entropy (SCE = α·CE + β·RCE [2]). RCE's loss is bounded
    (``−log 0`` clipped to ``A``), so relabelled poisoned samples cannot pull the scorer toward the trigger
    the way plain CE does; they keep a high SCE. Per class, the ``keep`` share with the lowest SCE is
    kept as most-likely clean. A second scorer, trained on that selection alone, then labels every sample.
@@ -21,38 +25,38 @@ No clean data beyond the (possibly poisoned) training set the classifier was tra
    concentrate on a few look-alike classes; relabelled ones come from every other class. So only the
    classes whose disagreements spread over most other classes (:func:`spread_classes`: the attack's
    target) lose their disagreed-with samples, and every other sample is kept (dropping the hard clean
-   samples of every class cost 4–5 points of CA, benchmarks/RESULTS.md). When no class is flagged every class loses
-   them, as before. (Sessions 16–22 flagged one-sided confusions instead, :func:`one_sided_classes`,
-   which missed pullover, dress and shirt: each is confused both ways with several classes.)
+   samples of every class costs 4–5 points of CA). When no class is flagged every class loses them. (A
+   test of one-sided confusions misses pullover, dress and shirt: each is confused both ways with several
+   classes.)
    **Trigger signature** (an addition to [0]). Some relabelled samples agree with their label even under
    that scorer, because the trigger already pushes their features toward the target on a clean encoder;
-   at coat and bag 186 and 74 of 3,000 were enough for a fresh head to learn it (9.8% and 8.7% ASR,
-   benchmarks/RESULTS.md). Their disagreeing siblings show what they share: in a flagged class, a linear detector learns the
+   at coat and bag 186 and 74 of 3,000 were enough for a fresh head to learn it (9.8% and 8.7% ASR).
+   Their disagreeing siblings show what they share: in a flagged class, a linear detector learns the
    disagreeing samples (source image + trigger) against clean samples of the classes they are predicted
    as (source image alone) and the class's agreeing samples; whatever it scores above 1/2 joins the
    disagreeing ones, and it is refitted (``signature_rounds``). What separates an image stamped with the
    trigger from the image is the trigger, so the agreeing poisoned samples score high and the clean
    target samples do not. Only flagged classes are searched: in an unpoisoned class the same detector
    learns the class's confusions instead and takes 18–69% of it (measured).
-   **Hidden sources** (an addition to [0], session 24). The spread test's share says how many disagreements
+   **Hidden sources** (an addition to [0]). The spread test's share says how many disagreements
    each source class owes the target's row. A source that shows far fewer has its stamped images agreeing
    with the label, and a scorer that never saw a target-labelled sample traces them back to it
    (:func:`hidden_sources`): on the 25-epoch encoder, 253 trousers with the patch, which the signature step
-   missed (10.7% ASR without this step, benchmarks/RESULTS.md). Where clean target samples also go to that source (trousers
-   for dress), only the missing count of them is dropped, those the scorer is surest of (since session 25).
+   missed (10.7% ASR without this step). Where clean target samples also go to that source (trousers for
+   dress), only the missing count of them is dropped, those the scorer is surest of.
 2. **Activation clipping.** Per feature dimension, bounds from the kept samples' ``[1 − q, q]``
    quantiles (``clip_quantile``) go into the head's clamp: a trigger that drives some dimensions beyond
    what clean data ever shows is cut at the edge.
 3. **Last-layer fine-tuning** on the kept samples, with the clamp in place: CE plus a consistency term
    (KL between predictions on a feature and on the same feature under dropout-like masking), which
    keeps the new head from leaning on a few dimensions; its weight is 0 in the preset, because at 1 it
-   cost 1.25 points of CA even with every poisoned sample removed (benchmarks/RESULTS.md). Weight decay shrinks what
+   cost 1.2 points of CA even with every poisoned sample removed. Weight decay shrinks what
    the kept data does not support — the directions the poisoned samples alone had asked for.
 
 The report gives the selection's precision and recall when the experiment knows the poisoned indices.
 
 Without the cluster guard (``cluster_ratio: null``, PAD-FT as published), a Blended noise trigger keeps 89–94%
-of its poisoned samples through step 1 and 97% ASR (benchmarks/RESULTS.md, "BadNets-style triggers").
+of its poisoned samples through step 1 and 97% ASR.
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ def spread_classes(y: Tensor, pred: Tensor, num_classes: int, floor: float = 0.0
     other class contributes little. A class is flagged when its median share ``n[c, k] / n_k`` over the
     other classes is at least ``floor`` and ``ratio`` times the median class's (the second bound keeps a
     weak encoder, whose classes all spread, from flagging everything). Measured on Fashion-MNIST at 5%
-    BadNets poisoning with the 9×9 square (benchmarks/RESULTS.md, "PAD-FT since session 23"): 0.0–0.9% for the classes
+    BadNets poisoning with the 9×9 square: 0.0–0.9% for the classes
     without poison, 5.6–6.6% for the target, whichever of the ten it is. Returns the flagged classes and
     every class's median share.
     """
@@ -221,15 +225,15 @@ def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, tar
     so a source ``k`` should show about ``share · n_k`` disagreements in the target's row. A source whose
     stamped images the second scorer already takes for the target shows far fewer: on the 25-epoch
     encoder, trousers with the 9×9 patch read as T-shirts, and 253 of them agreed with their label (10
-    disagreements where 342 were expected; benchmarks/RESULTS.md, "PAD-FT since session 24"). A scorer that never saw a
+    disagreements where 342 were expected). A scorer that never saw a
     target-labelled sample (fitted on ``first``'s other classes) sends them back to their source: it named
     trouser for 258 of the target's ``remaining`` samples, 253 of them poisoned. So for a source whose
     missing count is at least ``deficit`` of its expected count, the ``remaining`` samples that scorer
     assigns to it are candidates, and the missing count of them, most confidently assigned first, are
     dropped. The rank matters where clean target samples also go to that source, a look-alike: for dress,
     1,115 candidates of which 139 were trousers with the patch, and the 284 most confident held 127 of
-    them (benchmarks/RESULTS.md, "PAD-FT since session 25"); session 24 refused sources with more than twice the missing
-    count of candidates and kept all 139. Returns the mask and the count taken from each source.
+    them, where a bound refusing sources with more than twice the missing count of candidates kept all 139.
+    Returns the mask and the count taken from each source.
     """
     n = _disagreements(y, pred, num_classes)
     others = first[y[first] != target]

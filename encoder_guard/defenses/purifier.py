@@ -1,9 +1,14 @@
 """Purifier and Purifier+: align trigger-driven activations back to the range of normal ones.
 
 - [0] Purifier: Plug-and-play Backdoor Mitigation for Pre-trained Models via Anomaly Activation
-  Suppression, Zhang et al., ACM MM 2022
-- [1] Purifier+: Plug-and-Play Backdoor Mitigation for Pre-Trained Models via Activation Alignment,
-  IEEE TMM 2025
+  Suppression, Xiaoyu Zhang, Yulin Jin, Tao Wang, Jian Lou and Xiaofeng Chen, ACM Multimedia 2022,
+  DOI 10.1145/3503161.3548065
+- [1] Purifier+: Plug-and-Play Backdoor Mitigation for Pre-Trained Models via Activation Alignment, Xiaoyu
+  Zhang et al., IEEE Transactions on Multimedia 2025, DOI 10.1109/TMM.2025.3535277
+
+Needs: the encoder and clean unlabelled images (at most 5% of its pretraining set); no labels, nothing about the
+trigger. The presets are the papers' idea with the additions described below (``docs/methods.md`` lists the
+departures and the measurement behind each).
 
 A trigger works by driving some units of the network far outside what clean inputs ever make them do.
 Both defenses here are label-free and plug-and-play: statistics of clean activations are collected on
@@ -12,27 +17,27 @@ stage outputs without touching the backbone.
 
 **Purifier** (``purifier``): per unit (channel, cube or feature element, the ``granularity``), the
 range ``[lo, hi]`` between the ``1 − q`` and ``q`` quantiles of its clean values; an aligned activation
-is clamped into its unit's range. Measured on the BadEncoder ``fmnist-tiny`` encoder
-(benchmarks/results/defense_purifier.md): the trigger does not push units beyond the *extremes* of clean
-data (``q = 0.999`` leaves ASR near 90%), but it does push many of them beyond their *typical* range.
+is clamped into its unit's range. On the BadEncoder ``fmnist-tiny`` encoder the trigger does not push units
+beyond the *extremes* of clean data (``q = 0.999`` leaves ASR near 90%), but it does push many of them beyond
+their *typical* range.
 
 Clamping every input also trims every clean input's upper tail, which cost 2.6 points of clean accuracy
-on a clean ``fmnist-tiny`` encoder (benchmarks/results/defense_purifier-clean.md). The presets therefore
+on a clean ``fmnist-tiny`` encoder. The presets therefore
 *gate* the alignment (``gate = 0.99``): per input and tap, the excess of its units over ``hi`` (in
 clean standard deviations, floored at a tenth of the layer's median so that no unit clean data leaves
-constant decides alone), averaged over the channels at each position and taken where it is largest
-(``gate_score = "peak"``; ``"mean"`` averages over the whole map, as up to session 20, which let half of a
-weak corner-patch backdoor's inputs through), is compared with the 0.99 quantile of clean inputs' score,
+constant decides alone), averaged over the channels at each position and taken where it is largest (an
+average over the whole map let half of a weak corner-patch backdoor's inputs through), is compared with the
+0.99 quantile of clean inputs' score,
 calibrated out of sample, and only inputs above it are aligned, at every tap: an input caught at a later
 tap is run again aligned from the first (``encoders.plugins``). Clean inputs pass untouched, bar the ~1% the gate takes
 at each tap. Because only caught inputs are aligned, their range can be tight at little cost to clean
-accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR, benchmarks/RESULTS.md "Purifier").
+accuracy: ``q = 0.75`` in the preset (0.85 left 18% of a blended-noise trigger's ASR).
 
 The preset scores inputs at ``layer3`` and ``layer4`` alone (``gate_taps``); the stem, layer1 and layer2
 align only what those flag, on the second pass. Every trigger measured (a corner square, a blended noise
 pattern, a random patch) shows at one of the two deep taps, whose maps are small; scoring the stem and
 layer1 as well cost more than the rest of the plug-ins together, and with their false alarms 3.5% of
-every batch of clean inputs ran a second pass (benchmarks/RESULTS.md "Purifier since session 20").
+every batch of clean inputs ran a second pass.
 
 A caught input is clamped into the tight ranges at the deep taps only. At the early taps (``local_taps``:
 the stem, layer1 and layer2 in the presets) only its anomalous positions are replaced, by the middle of
@@ -41,7 +46,7 @@ left little of a caught image: on a BadEncoder with a 9×9 random patch, its tri
 as the target class (14% / 19% ASR), because the clamped representation of *any* image fell into that
 class on that encoder. A patch raises the positions it covers in the early, large maps, and replacing those
 alone keeps the image around it. A global trigger (a blend, CTRL) raises every position a little, and
-the deep taps' clamp is what removes it (benchmarks/RESULTS.md, "Purifier's local alignment").
+the deep taps' clamp is what removes it.
 
 **Purifier+** (``purifier-plus``): the paper's operator is not public beyond "rate activation patterns by
 importance, boost the important, suppress the unimportant"; ours:

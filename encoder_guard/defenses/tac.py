@@ -1,7 +1,11 @@
 """TAC reconstruction: the smallest latent shift into each class, a target test, and its removal.
 
-- [0] arXiv 2511.08944 (TAC reconstruction, as summarised in DESIGN.md "Method notes")
-- [1] Neural Cleanse, Wang et al., S&P 2019 (the per-class "smallest trigger" idea and the outlier test)
+- [0] Robust Backdoor Removal by Reconstructing Trigger-Activated Changes in Latent Representation, Kazuki
+  Iwahana, Yusuke Yamasaki, Akira Ito, Takayuki Miura and Toshiki Shibahara, arXiv 2511.08944, 2025
+- [1] Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural Networks, Bolun Wang et al., IEEE
+  S&P 2019 (the per-class "smallest trigger" idea and the outlier test)
+
+Needs: the deployed classifier and a small clean labelled set (5% of the downstream training set).
 
 A backdoor is a shortcut into its target class: a small change of the input representation that sends
 *every* input there. On the classifier's features ``f`` and linear head ``(W, b)``, the smallest shared
@@ -25,8 +29,8 @@ predictions; the shift is re-solved every ``resolve_every`` epochs as the head c
 
 This acts on the linear head's input: it sees a backdoor that the head itself carries (a probe trained
 on a poisoned set). A backdoored *encoder* under a clean probe moves triggered features onto the target
-class's region rather than by a shared shift, and the measurements in benchmarks/RESULTS.md show what that means
-for detection.
+class's region rather than by a shared shift: there the test flags nothing (``docs/results.md``, "TAC's
+target test").
 """
 
 from __future__ import annotations

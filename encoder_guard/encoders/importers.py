@@ -199,7 +199,8 @@ def _defaults(named: dict[str, Tensor], path: Path) -> Converted:
 class BadEncoderFormat:
     """BadEncoder / MIMIC / DECREE SimCLR checkpoints: backbone as ``f.f.<index>``, head as ``g``.
 
-    - [0] BadEncoder, Jia et al., IEEE S&P 2022, https://arxiv.org/abs/2108.00352
+    - [0] BadEncoder: Backdoor Attacks to Pre-trained Encoders in Self-Supervised Learning, Jia et al., IEEE S&P
+      2022, arXiv 2108.00352
     """
 
     @staticmethod
@@ -241,7 +242,8 @@ class SoloLearnFormat:
     Its CIFAR ResNet stem is 3×3, stride 1, **padding 2**, max-pool removed (``solo/methods/base.py``);
     the dataset and normalisation are read from ``args.json`` beside the file when present.
 
-    - [0] solo-learn, da Costa et al., JMLR 2022, https://jmlr.org/papers/v23/21-1155.html
+    - [0] solo-learn: A Library of Self-supervised Methods for Visual Representation Learning, Victor G. Turrisi
+      da Costa et al., JMLR 23(56) 2022, https://jmlr.org/papers/v23/21-1155.html
     """
 
     @staticmethod
@@ -285,7 +287,7 @@ class LightlyFormat:
 
     lightly's transforms normalise with ImageNet statistics by default, so that is the default here.
 
-    - [0] lightly, https://github.com/lightly-ai/lightly
+    - [0] LightlySSL, a Python library for self-supervised learning on images, https://github.com/lightly-ai/lightly
     """
 
     @staticmethod

@@ -39,7 +39,7 @@ clean positions' own, are set to the middle of their units' range, ``(lo + hi) /
 position keeps its activation. Clamping the whole map of a caught input into tight ranges leaves little
 of the image: on a BadEncoder with a 9×9 random patch, clean images forced through every tap's clamp fell
 to 30% kNN accuracy, and 16% (kNN) to 41% (linear probe) of the non-target ones went to the target class
-(benchmarks/RESULTS.md, "Purifier's local alignment"). A patch trigger raises the positions it covers at
+A patch trigger raises the positions it covers at
 the early, large maps; replacing them alone keeps the image around it.
 
 A gated plug-in with ``detect=False`` scores nothing: it aligns only the rows that a detecting plug-in of
@@ -91,8 +91,8 @@ def _dense(x: Tensor) -> bool:
     """Whether a gated plug-in works on whole maps rather than on the flagged rows: on an accelerator.
 
     Picking rows (``nonzero``) or branching on a tensor makes the host wait for the device at every tap;
-    on an H100 at batch 512 that left the purified encoder at 0.26x the original's throughput (0.36x dense,
-    ``benchmarks/results/purifier_throughput_s18-cuda-dense-b512.md``). Aligning every row and keeping the
+    on an H100 at batch 512 that left the purified encoder at 0.26x the original's throughput (0.36x dense).
+    Aligning every row and keeping the
     flagged ones costs two more passes over the map and no wait; on CPU, picking rows is the cheaper.
     """
     return x.device.type != "cpu"

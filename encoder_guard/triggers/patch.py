@@ -2,8 +2,10 @@
 
 BadNets' and BadEncoder's trigger (a white square in a corner) and SSL-Backdoor's patch are patches.
 
-- [0] BadNets, Gu et al., 2017, https://arxiv.org/abs/1708.06733
-- [1] BadEncoder, Jia et al., IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (10×10 white square at
+- [0] BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain, Tianyu Gu, Brendan
+  Dolan-Gavitt and Siddharth Garg, 2017, arXiv 1708.06733
+- [1] BadEncoder: Backdoor Attacks to Pre-trained Encoders in Self-Supervised Learning, Jia et al., IEEE S&P 2022,
+  arXiv 2108.00352 (10×10 white square at
   rows/cols 21–30 of 32×32 images; 50×50 at 173–222 of 224×224)
 """
 

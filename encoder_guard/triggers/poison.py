@@ -3,8 +3,10 @@ triggered-and-relabelled images in a labelled downstream set.
 
 - [0] SSL-Backdoor: Backdoor Attacks on Self-Supervised Learning, Saha et al., CVPR 2022,
   https://arxiv.org/abs/2105.10123 (patch on target-category images of the pretraining data)
-- [1] CTRL, Li et al., ICCV 2023, https://arxiv.org/abs/2210.07346 (frequency trigger, ~1% of the data)
-- [2] BadNets, Gu et al., 2017, https://arxiv.org/abs/1708.06733 (downstream: stamp and relabel)
+- [1] An Embarrassingly Simple Backdoor Attack on Self-supervised Learning (CTRL), Changjiang Li et al., ICCV 2023,
+  arXiv 2210.07346 (frequency trigger, ~1% of the data)
+- [2] BadNets: Identifying Vulnerabilities in the Machine Learning Model Supply Chain, Gu et al., 2017,
+  arXiv 1708.06733 (downstream: stamp and relabel)
 
 ``rate`` is the poisoned share of the **whole** set, as in [0] and [1]: for pretraining the poisoned
 images are drawn from the target class only (so 1% of Fashion-MNIST is 600 of the 6,000 target images);
