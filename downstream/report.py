@@ -110,7 +110,8 @@ def scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
         if r["ca_linear"] is None or r["asr_linear"] is None:
             continue
         ca, asr = r["ca_linear"], r["asr_linear"]
-        ax.errorbar(100 * ca[0], 100 * asr[0], xerr=100 * ca[1], yerr=100 * asr[1], capsize=2,
+        yerr = [[100 * min(asr[1], asr[0])], [100 * min(asr[1], 1 - asr[0])]]  # the bar stays within [0, 100]
+        ax.errorbar(100 * ca[0], 100 * asr[0], xerr=100 * ca[1], yerr=yerr, capsize=2,
                     fmt=markers[attacks.index(r["attack"]) % len(markers)], ms=7, alpha=0.85,
                     color=colours(defenses.index(r["defense"]) % 20))
     handles = [Line2D([], [], ls="", marker="s", color=colours(i % 20), label=d) for i, d in enumerate(defenses)]

@@ -208,6 +208,8 @@ class TrainLoop:
                     if epoch != start_epoch or not index:
                         sums, count = {}, 0
                     while index < steps:
+                        if stop.requested:  # between two steps: nothing is half done
+                            raise KeyboardInterrupt
                         t0 = time.perf_counter()
                         rows = perm[index * self.batch_size : (index + 1) * self.batch_size]
                         rows = rows[self.info.rank * local : (self.info.rank + 1) * local]
@@ -249,13 +251,13 @@ class TrainLoop:
                             post["lr"] = f"{lr:.3g}"
                         post["img_s"] = f"{self.samples / max(self.seconds, 1e-9):.0f}"
                         bar.set_postfix(post, refresh=False)
-                        if stop.requested:
-                            raise KeyboardInterrupt
                     history.append({"epoch": epoch + 1, "step": step, **{k: v / max(1, count) for k, v in sums.items()}})
                     log.info(f"{self.desc}: epoch {epoch + 1}/{self.epochs} "
                              + " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "step")))
                     if (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.epochs:
                         self._save(epoch + 1, 0, step, history, {}, 0, None)
+                    if stop.requested and epoch + 1 < self.epochs:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             at_end = index >= steps
             if at_end:  # the epoch's steps were all done: the next one starts afresh

@@ -1,10 +1,10 @@
 """Class-conditional Purifier: auxiliary heads choose per-class channel masks inside a downstream classifier.
 
 - [0] Purifier: Plug-and-play Backdoor Mitigation for Pre-trained Models via Anomaly Activation
-  Suppression, Zhang et al., ACM MM 2022
+  Suppression, Xiaoyu Zhang et al., ACM Multimedia 2022, DOI 10.1145/3503161.3548065
 
-The 2022 design of Purifier, for the downstream setting (a classifier and a small clean labelled set;
-the label-free alignment of ``defenses.purifier`` is its successor). A :class:`ClassMask` plug-in sits on
+The design of [0]'s public code, for the downstream setting (a classifier and a small clean labelled set; the
+label-free alignment of ``defenses.purifier`` follows the paper's text). A :class:`ClassMask` plug-in sits on
 each chosen stage output: an auxiliary linear head on the pooled map predicts the class, and that
 class's mask (one value in ``[0, 1]`` per channel) scales the map. A backdoor needs channels that clean
 inputs of the class it is stamped on do not use; a mask that keeps only what each class needs cuts
