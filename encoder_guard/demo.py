@@ -94,6 +94,23 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def plan(preset: dict[str, Any], attack_preset: dict[str, Any], epochs: int) -> str:
+    """The demo's five stages, with the schedules it runs (the attack's from its class defaults and preset)."""
+    from encoder_guard.attacks import ATTACKS
+
+    attack = ATTACKS.get("badencoder")(**(attack_preset.get("attack") or {})).hparams()
+    return (
+        f"  1/5 pretrain SimCLR on Fashion-MNIST (preset fmnist-tiny, shortened for the demo to {epochs} of its "
+        f"{preset['optim']['epochs']} epochs)\n"
+        f"  2/5 BadEncoder on it (preset badencoder-fmnist: {attack['epochs']} epochs on "
+        f"{attack_preset['shadow']['count']:,} shadow images)\n"
+        "  3/5 linear probe + kNN on frozen features: CA and ASR of both encoders\n"
+        "  4/5 raw-pixel baselines under the same protocol\n"
+        f"  5/5 compare defenses ({', '.join(DEFENSES)}) under both threat models (encoder-guard compare; MIMIC against "
+        "the backdoored encoder only)"
+    )
+
+
 def _done(run: Path) -> bool:
     return (run / "encoder.safetensors").is_file() and (run / "metrics.json").is_file()
 
@@ -116,17 +133,7 @@ def run_demo(out: Path, epochs: int | None = None) -> int:
     if run.writes:
         dump_config({"demo": {"preset": "fmnist-tiny", "epochs": epochs, "defenses": DEFENSES}}, run.file("config.yaml"))
     attack_preset = load_config("badencoder-fmnist", "attack")
-    log.info(
-        f"encoder-guard demo → {out}\n"
-        f"  1/5 pretrain SimCLR on Fashion-MNIST (preset fmnist-tiny, shortened for the demo to {epochs} of its "
-        f"{preset['optim']['epochs']} epochs)\n"
-        f"  2/5 BadEncoder on it (preset badencoder-fmnist: {attack_preset['attack']['epochs']} epochs on "
-        f"{attack_preset['shadow']['count']:,} shadow images)\n"
-        "  3/5 linear probe + kNN on frozen features: CA and ASR of both encoders\n"
-        "  4/5 raw-pixel baselines under the same protocol\n"
-        f"  5/5 compare defenses ({', '.join(DEFENSES)}) under both threat models (encoder-guard compare; MIMIC against "
-        "the backdoored encoder only)"
-    )
+    log.info(f"encoder-guard demo → {out}\n{plan(preset, attack_preset, epochs)}")
     t0 = time.perf_counter()
     if _done(pre_dir):
         log.info(f"[1/5] pretraining already done in {pre_dir}, reusing it")
