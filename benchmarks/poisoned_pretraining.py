@@ -90,7 +90,7 @@ def main() -> None:
                 print(json.dumps(row))
     lines = [f"## Poisoned pretraining, target class {args.target} {' '.join(args.set)}", "",
              "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN "
-             "| same trigger on clean encoder (lin / kNN) | pretraining |",
+             "| same trigger on clean encoder (lin / kNN) | training since the last resume |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["run"] is None:

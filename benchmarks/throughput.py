@@ -109,7 +109,7 @@ def main() -> None:
         "|---|---|---|---|",
         f"| raw forward+backward (pre-made tensors), {precision}, channels_last={data['channels_last']} "
         f"| {raw:.3f} | {args.batch / raw:.0f} | 1.00 |",
-        f"| same in fp32, contiguous layout (fp32) | {raw_fp32:.3f} | {args.batch / raw_fp32:.0f} "
+        f"| same in fp32, contiguous layout | {raw_fp32:.3f} | {args.batch / raw_fp32:.0f} "
         f"| {raw / raw_fp32:.2f} |",
         f"| encoder_guard loop (batched tensor augmentation) | {loop_step:.3f} | {args.batch / loop_step:.0f} | {raw / loop_step:.2f} |",
     ]
