@@ -176,6 +176,24 @@ def cmd_trigger_make(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from encoder_guard.config import load_config
+    from encoder_guard.zoo import FAMILIES, write_zoo, zoo
+
+    families = tuple(args.families or FAMILIES)
+    try:
+        attacks = zoo(args.split, args.per_family, families, args.image_size, args.num_classes, args.start)
+    except ValueError as exc:
+        raise EncoderGuardError(f"zoo: {exc}") from exc
+    index = write_zoo(attacks, load_config(args.base, "attack"), Path(args.out), args.image_size, args.channels,
+                      pictures=not args.no_pictures)
+    for a in attacks:
+        print(f"{a.name:>12}  {a.split}  target {a.target}  {a.trigger}")
+    print(f"{len(attacks)} attacks → {index}\nrun one: encoder-guard attack badencoder --encoder ENC "
+          f"--config {Path(args.out) / attacks[0].name / 'attack.yaml'} --out runs/zoo/{attacks[0].name}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     enc = _load_encoder(args)
     spec = json.loads(enc.spec.to_json())
@@ -285,9 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--image-size", type=int, required=True, help="side of the (square) images, e.g. 28")
     tp.add_argument("--channels", type=int, required=True, help="1 for grayscale, 3 for colour")
     tp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="kind=patch|blend|ctrl, size, position, pattern, seed, alpha, magnitude, window, frequencies")
+                    help="kind=patch|blend|ctrl|warp, size, position, pattern, seed, alpha, magnitude, window, "
+                         "frequencies, k, strength")
     tp.add_argument("--out", required=True, help="trigger file (.safetensors)")
     tp.set_defaults(func=cmd_trigger_make, file_output=True)
+
+    sp = sub.add_parser("zoo", help="draw BadEncoder attacks from seeded trigger families (dev or test split)")
+    sp.add_argument("--split", required=True, choices=["dev", "test"],
+                    help="dev: seeds for choosing presets; test: seeds that are only reported")
+    sp.add_argument("--per-family", type=int, default=3, help="attacks drawn from each family")
+    sp.add_argument("--families", nargs="+", default=None, help="patch blend ctrl warp (default: all four)")
+    sp.add_argument("--start", type=int, default=0, help="skip the split's first START seeds")
+    sp.add_argument("--base", default="badencoder-fmnist", help="attack preset the drawn attacks change")
+    sp.add_argument("--image-size", type=int, default=28)
+    sp.add_argument("--channels", type=int, default=1)
+    sp.add_argument("--num-classes", type=int, default=10)
+    sp.add_argument("--no-pictures", action="store_true", help="skip trigger.png (it reads the test split's images)")
+    sp.add_argument("--out", required=True, help="directory: NAME/attack.yaml, trigger.safetensors, trigger.png; zoo.yaml")
+    sp.set_defaults(func=cmd_zoo, file_output=True)
 
     sp = sub.add_parser("detect", help="TAC target test: is there a class every input is a small shift away from?")
     _add_encoder_args(sp)

@@ -8,6 +8,7 @@ from encoder_guard.triggers import (
     BlendTrigger,
     CTRLTrigger,
     PatchTrigger,
+    WarpTrigger,
     build_trigger,
     load_reference_images,
     load_trigger,
@@ -24,6 +25,9 @@ def all_triggers():
         BlendTrigger.noise(28, 1, alpha=0.3, seed=1),
         CTRLTrigger(32, 3),
         CTRLTrigger(28, 1, magnitude=60),
+        PatchTrigger.square(28, 1, size=4, position="center", pattern="checkerboard"),
+        WarpTrigger.wanet(28, 1, seed=2),
+        WarpTrigger.wanet(32, 3, k=8, strength=1.0),
     ]
 
 
@@ -44,7 +48,40 @@ def test_triggers_are_deterministic_and_round_trip_bit_exactly(trigger, tmp_path
 
 
 def test_registry_holds_every_kind():
-    assert TRIGGERS.names() == ["blend", "ctrl", "patch"]
+    assert TRIGGERS.names() == ["blend", "ctrl", "patch", "warp"]
+
+
+def test_warp_samples_x_then_y_and_is_the_identity_on_the_identity_grid():
+    line = torch.linspace(-1, 1, 8)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(WarpTrigger(torch.stack([cols, rows], -1), 1)(x), x, atol=1e-6)
+    step = 2 / 7  # one pixel in grid units; sampling one pixel to the right shifts the image left
+    shifted = WarpTrigger(torch.stack([(cols + step).clamp(-1, 1), rows], -1), 1)(x)
+    assert torch.allclose(shifted[..., :, :-1], x[..., :, 1:], atol=1e-6)
+
+
+def test_wanet_field_is_seeded_smooth_and_sub_pixel_at_the_papers_strength():
+    a, b = WarpTrigger.wanet(28, 1, seed=0), WarpTrigger.wanet(28, 1, seed=1)
+    assert torch.equal(a.grid, WarpTrigger.wanet(28, 1, seed=0).grid) and not torch.equal(a.grid, b.grid)
+    line = torch.linspace(-1, 1, 28)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    shift_px = (a.grid - torch.stack([cols, rows], -1)) * 27 / 2
+    assert 0.05 < float(shift_px.abs().mean()) < 0.5 and float(shift_px.abs().max()) < 1.5  # 0.5/28 of a mean-1 field
+    inner = shift_px[1:-1, 1:-1]  # the border is clamped onto the image, as in WaNet
+    assert float((inner[1:] - inner[:-1]).abs().max()) < 0.2  # smooth: neighbours move together
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert float((WarpTrigger.wanet(28, 1, strength=2.0)(x) - x).abs().mean()) > float((a(x) - x).abs().mean())
+    with pytest.raises(ValueError, match="control points"):
+        WarpTrigger.wanet(28, 1, k=1)
+
+
+def test_checkerboard_patch_alternates_inside_its_square_only():
+    t = PatchTrigger.square(16, 1, size=4, position=(2, 3), pattern="checkerboard")
+    out = t(torch.full((1, 1, 16, 16), 0.5))[0, 0]
+    assert torch.equal(out[2:6, 3:7], torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1]]).repeat(2, 1))
+    out[2:6, 3:7] = 0.5
+    assert torch.equal(out, torch.full((16, 16), 0.5))
 
 
 def test_badencoder_default_square_sits_at_rows_21_to_30():

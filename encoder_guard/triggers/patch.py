@@ -83,7 +83,8 @@ class PatchTrigger(Trigger):
             channels: image channels.
             size: patch side; default ``round(10 / 32 · image_size)`` (BadEncoder's 10 px on 32 px).
             position: ``(row, col)`` of the top-left corner, or a corner name (``bottom-right``...).
-            pattern: ``white`` or ``random`` (a seeded binary pattern, as in SSL-Backdoor style patches).
+            pattern: ``white``, ``random`` (a seeded binary pattern, as in SSL-Backdoor style patches) or
+                ``checkerboard`` (alternating pixels, white at the patch's top-left).
             seed: seed of the random pattern.
             margin: distance from the image border for corner positions; default ``1`` pixel on 32-px
                 images (BadEncoder's rows/cols 21–30), scaled with ``image_size``.
@@ -107,6 +108,10 @@ class PatchTrigger(Trigger):
         elif pattern == "random":
             pat = torch.zeros(channels, image_size, image_size)
             pat[:, r : r + size, c : c + size] = torch.randint(0, 2, (channels, size, size), generator=seeded(seed)).float()
+        elif pattern == "checkerboard":
+            ii = torch.arange(size)
+            pat = torch.zeros(channels, image_size, image_size)
+            pat[:, r : r + size, c : c + size] = ((ii.view(-1, 1) + ii.view(1, -1)) % 2 == 0).float()
         else:
-            raise ValueError(f"pattern must be 'white' or 'random', got {pattern!r}")
+            raise ValueError(f"pattern must be 'white', 'random' or 'checkerboard', got {pattern!r}")
         return cls(mask, pat * mask)
