@@ -33,6 +33,24 @@ def test_attention_and_clone_losses_vanish_on_identical_inputs_only():
     assert clone_loss(z, z) < 1e-6 and clone_loss(z, -z) == pytest.approx(2.0)
 
 
+def test_per_position_attention_is_the_mean_squared_error_of_mimics_code():
+    s, t = torch.rand(4, 8, 5, 5), torch.rand(4, 8, 5, 5)
+    mse = torch.nn.functional.mse_loss(attention_map(s), attention_map(t))  # AT(p=2) as MIMIC's code computes it
+    assert attention_loss([s], [t], [1.0], per_position=True) == pytest.approx(float(mse))
+    assert attention_loss([s], [t], [1.0]) == pytest.approx(25 * float(mse))
+
+
+def test_reference_stage_weights_use_the_fresh_students_mi(teacher, tmp_path):
+    sets = FAST + ["defense.stage_weights=reference", "defense.mi_model=student", "defense.mi.estimator=gaussian"]
+    report = run_defense("mimic", defend_config("mimic", sets=sets), teacher, tmp_path / "ref")
+    weights, mi = list(report["stage_weights"].values()), [max(0.0, s["mi"]) for s in report["stage_mi"]]
+    assert sum(weights) == pytest.approx(4 * 1000 + 10000)  # 1000 + 10000 · I_l / Σ I
+    assert weights == pytest.approx([1000 + 10000 * v / sum(mi) for v in mi])
+    on_teacher = run_defense("mimic", defend_config("mimic", sets=FAST + ["defense.mi.estimator=gaussian"]), teacher,
+                             tmp_path / "teacher")
+    assert [s["mi"] for s in on_teacher["stage_mi"]] != [s["mi"] for s in report["stage_mi"]]
+
+
 def test_every_distillation_defense_is_registered():
     assert {"mimic", "finetune", "distill", "nad"} <= set(DEFENSES.names())
 

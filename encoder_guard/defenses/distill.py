@@ -80,9 +80,12 @@ def attention_map(feature: Tensor) -> Tensor:
     return F.normalize(feature.pow(2).sum(dim=1).flatten(1), dim=1)
 
 
-def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """``Σ_l w_l · mean_b ‖a(s_l) − a(t_l)‖²`` over paired stage maps."""
-    terms = [w * (attention_map(s) - attention_map(t)).pow(2).sum(dim=1).mean() for s, t, w in zip(student, teacher, weights)]
+def attention_loss(student: Sequence[Tensor], teacher: Sequence[Tensor], weights: Sequence[float],
+                   per_position: bool = False) -> Tensor:
+    """``Σ_l w_l · mean_b ‖a(s_l) − a(t_l)‖²`` over paired stage maps; ``per_position`` divides each stage's
+    term by its ``H·W`` positions (the mean squared error of MIMIC's public code)."""
+    terms = [w * (attention_map(s) - attention_map(t)).pow(2).sum(dim=1).mean() / (s.shape[-2] * s.shape[-1] if per_position else 1)
+             for s, t, w in zip(student, teacher, weights)]
     return torch.stack(terms).sum()
 
 
@@ -100,6 +103,7 @@ class LossWeights:
     attention: float = 1.0
     taps: list[str] = field(default_factory=lambda: list(TAPS))
     stages: list[float] = field(default_factory=lambda: [1.0] * len(TAPS))
+    per_position: bool = False  # attention terms averaged over positions (with ``reference`` stage weights)
 
     def __post_init__(self) -> None:
         if min(self.ssl, self.clone, self.attention) < 0:
@@ -265,7 +269,7 @@ def distill(
             if weights.clone > 0:
                 parts["clone"] = clone_loss((feats[taught] - shift) / scale, (t_feats - shift) / scale)
             if use_maps:
-                parts["attention"] = attention_loss([m[taught] for m in maps], t_maps, weights.stages)
+                parts["attention"] = attention_loss([m[taught] for m in maps], t_maps, weights.stages, weights.per_position)
         loss = sum(getattr(weights, k) * term for k, term in parts.items())
         assert isinstance(loss, Tensor)
         return loss, {k: val.item() for k, val in parts.items()}
@@ -299,7 +303,10 @@ class Distillation(Defense):
             fine-tuning on the same clean data, as NAD does).
         teacher_epochs: SSL fine-tuning epochs of a ``finetuned`` teacher.
         ssl / clone / attention: loss weights.
-        stage_weights: ``mi`` (proportional to the teacher's per-stage MI, mean 1) or ``uniform``.
+        stage_weights: ``mi`` (proportional to per-stage MI, mean 1), ``uniform``, or ``reference`` (MIMIC's
+            public code: ``1000 + 10000 · I_l / Σ I`` on attention terms averaged over positions).
+        mi_model: whose stage MI sets the weights: ``teacher`` (the encoder being purified, as the paper
+            describes) or ``student`` (the freshly initialised student, as MIMIC's public code computes it).
         taps: stages whose attention is distilled.
         mi: estimator settings: ``estimator`` (mine | infonce | gaussian), ``samples`` (clean images used),
             ``pool`` (cells per side each map is pooled to) and the estimator's own arguments.
@@ -330,6 +337,7 @@ class Distillation(Defense):
         clone: float = 1.0,
         attention: float = 1.0,
         stage_weights: str = "mi",
+        mi_model: str = "teacher",
         taps: Sequence[str] = TAPS,
         mi: dict[str, Any] | None = None,
         schedule: dict[str, Any] | None = None,
@@ -349,8 +357,11 @@ class Distillation(Defense):
             raise ValueError("a finetuned teacher needs teacher_epochs >= 1")
         if clone_space not in CLONE_SPACES:
             raise ValueError(f"clone_space must be one of {CLONE_SPACES}, not {clone_space!r}")
-        if stage_weights not in ("mi", "uniform"):
-            raise ValueError(f"stage_weights must be 'mi' or 'uniform', not {stage_weights!r}")
+        if stage_weights not in ("mi", "uniform", "reference"):
+            raise ValueError(f"stage_weights must be 'mi', 'uniform' or 'reference', not {stage_weights!r}")
+        if mi_model not in ("teacher", "student"):
+            raise ValueError(f"mi_model must be 'teacher' or 'student', not {mi_model!r}")
+        self.mi_model = mi_model
         self.student_init, self.teacher, self.teacher_epochs = student_init, teacher, teacher_epochs
         self.ssl, self.clone, self.attention, self.stage_weights = ssl, clone, attention, stage_weights
         self.taps, self.clone_space = list(taps), clone_space
@@ -359,21 +370,22 @@ class Distillation(Defense):
         self.augment = {**self.augment_defaults, **(augment or {})}
         self.teacher_augment = None if teacher_augment is None else dict(teacher_augment)
         self.student_noise = asdict(_build(StudentNoise, student_noise, "student_noise"))
-        self._weights = LossWeights(ssl, clone, attention, self.taps, [1.0] * len(self.taps))
+        self._weights = LossWeights(ssl, clone, attention, self.taps, [1.0] * len(self.taps),
+                                    per_position=stage_weights == "reference")
         self._schedule = Schedule(**self.schedule)
         self._views = _build(ViewConfig, self.augment, "augment")
         self._teacher_views = (None if teacher_augment is None
                                else _build(ViewConfig, {**self.augment, **teacher_augment}, "teacher_augment"))
 
-    def stage_mi(self, teacher: Encoder, data: DefenseData) -> list[dict[str, Any]]:
-        """Per-stage MI of the teacher on clean images (no augmentation)."""
+    def stage_mi(self, model: Encoder, data: DefenseData) -> list[dict[str, Any]]:
+        """Per-stage MI of ``model`` (teacher or fresh student) on clean images (no augmentation)."""
         assert data.clean is not None
         opts = dict(self.mi)
         name, samples, pool = opts.pop("estimator"), int(opts.pop("samples")), int(opts.pop("pool"))
         idx = seeded_choice(torch.arange(len(data.clean)), samples, self.seed)
         images = data.clean.images[idx].float().div(255)
         estimator = build_estimator(name, seed=self.seed, **opts)
-        return [r.to_dict() for r in layer_mutual_information(teacher, images, estimator, self.taps, pool)]
+        return [r.to_dict() for r in layer_mutual_information(model, images, estimator, self.taps, pool)]
 
     def defend(self, encoder: Encoder, data: DefenseData, out: Path | None,
                resume: bool) -> tuple[nn.Module, dict[str, Any]]:
@@ -388,16 +400,16 @@ class Distillation(Defense):
         if self.teacher == "finetuned":
             teacher = self._finetuned_teacher(encoder, data, out, resume)
         stages = [1.0] * len(self.taps)
-        if self.attention > 0 and self.stage_weights == "mi":
+        student = fresh_copy(encoder, self.seed) if self.student_init == "random" else copy.deepcopy(encoder)
+        if self.attention > 0 and self.stage_weights != "uniform":
             t_mi = time.perf_counter()
-            per_stage = self.stage_mi(teacher, data)
-            stages = mi_weights([s["mi"] for s in per_stage], "mi")
+            per_stage = self.stage_mi(student if self.mi_model == "student" else teacher, data)
+            stages = mi_weights([s["mi"] for s in per_stage], self.stage_weights)
             report["stage_mi"] = per_stage
             report["mi_seconds"] = time.perf_counter() - t_mi
             log.info("stage MI (nats): " + ", ".join(f"{s['tap']} {s['mi']:.3f}" for s in per_stage))
         weights = replace(self._weights, stages=stages)
         report["stage_weights"] = dict(zip(self.taps, stages))
-        student = fresh_copy(encoder, self.seed) if self.student_init == "random" else copy.deepcopy(encoder)
         needs_teacher = self.clone > 0 or self.attention > 0
         report["history"] = distill(student, teacher if needs_teacher else None, data.clean.images, weights,
                                     self._schedule, self._views, out / "checkpoints" / "student.pt", resume,

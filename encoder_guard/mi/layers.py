@@ -76,14 +76,23 @@ def layer_mutual_information(
     return out
 
 
+REFERENCE_BASE, REFERENCE_SPREAD = 1000.0, 10000.0  # MIMIC's public code: base_opt and momentum_opt
+
+
 def mi_weights(values: Sequence[float], scheme: str = "mi") -> list[float]:
-    """Stage weights with mean 1: proportional to MI (``"mi"``) or all equal (``"uniform"``, the ablation)."""
+    """Stage weights from per-stage MI (negative estimates count as 0).
+
+    ``"mi"``: proportional to MI, mean 1. ``"uniform"``: all 1 (the ablation). ``"reference"``: MIMIC's public
+    code, ``1000 + 10000 · I_l / Σ I`` (meant for an attention term averaged over positions).
+    """
+    if scheme not in ("mi", "uniform", "reference"):
+        raise ValueError(f"stage weight scheme must be 'mi', 'uniform' or 'reference', not {scheme!r}")
     if scheme == "uniform":
         return [1.0] * len(values)
-    if scheme != "mi":
-        raise ValueError(f"stage weight scheme must be 'mi' or 'uniform', not {scheme!r}")
     clipped = [max(0.0, v) for v in values]
     total = sum(clipped)
+    if scheme == "reference":
+        return [REFERENCE_BASE + (REFERENCE_SPREAD * v / total if total > 0 else 0.0) for v in clipped]
     if total <= 0:
         return [1.0] * len(values)
     return [len(values) * v / total for v in clipped]
