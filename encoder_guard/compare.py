@@ -44,7 +44,7 @@ from encoder_guard.defenses import DEFENSES
 from encoder_guard.defenses.runner import build_defense, defend_config, run_defense
 from encoder_guard.encoders import load_encoder
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.runs import RunDir, get_logger, setup_logging
+from encoder_guard.runs import RunDir, get_logger, log_kept
 from encoder_guard.threats import downstream_setup
 
 NONE = "none"
@@ -214,9 +214,8 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
             if s in seeds[d] and a in entries[d].get("only", [a])]
     cells = []
     for i, (a, d, s) in enumerate(todo, 1):
-        setup_logging(run.file("log.txt"))  # a cell's defense run points the log at its own directory
-        cells.append(run_cell(matrix, a, d, s, out / "cells" / a / d / f"seed{s}", progress=f"[{i}/{len(todo)}] "))
-    setup_logging(run.file("log.txt"))
+        with log_kept():
+            cells.append(run_cell(matrix, a, d, s, out / "cells" / a / d / f"seed{s}", progress=f"[{i}/{len(todo)}] "))
     base = {(c["attack"], c["seed"]): c for c in cells if c["defense"] == NONE}
     pretrain_seconds = matrix.get("pretrain_seconds")
     for c in cells:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encoder_guard.runs import RunDir, setup_logging
+from encoder_guard.runs import RunDir, log_kept
 
 DEMO_EPOCHS = 6  # at most; fewer where a step is slow (demo_epochs)
 MIN_EPOCHS = 2  # below this the encoder is too weak for BadEncoder's table to mean much
@@ -96,9 +96,9 @@ def pct(x: float | None) -> str:
 
 def plan(preset: dict[str, Any], attack_preset: dict[str, Any], epochs: int) -> str:
     """The demo's five stages, with the schedules it runs (the attack's from its class defaults and preset)."""
-    from encoder_guard.attacks import ATTACKS
+    from encoder_guard.attacks.runner import build_attack
 
-    attack = ATTACKS.get("badencoder")(**(attack_preset.get("attack") or {})).hparams()
+    attack = build_attack("badencoder", attack_preset).hparams()
     return (
         f"  1/5 pretrain SimCLR on Fashion-MNIST (preset fmnist-tiny, shortened for the demo to {epochs} of its "
         f"{preset['optim']['epochs']} epochs)\n"
@@ -139,8 +139,8 @@ def run_demo(out: Path, epochs: int | None = None) -> int:
         log.info(f"[1/5] pretraining already done in {pre_dir}, reusing it")
     else:
         cfg = load_config("fmnist-tiny", "pretrain", [f"optim.epochs={epochs}"])
-        pretrain(cfg, pre_dir, resume=(pre_dir / "checkpoints" / "last.pt").is_file())
-        setup_logging(run.file("log.txt"))  # a stage's run directory took the log over: the demo's own again
+        with log_kept():
+            pretrain(cfg, pre_dir, resume=(pre_dir / "checkpoints" / "last.pt").is_file())
     t_pre = time.perf_counter() - t0
 
     clean = load_encoder(pre_dir / "encoder.safetensors")
@@ -148,9 +148,9 @@ def run_demo(out: Path, epochs: int | None = None) -> int:
         log.info(f"[2/5] BadEncoder already done in {atk_dir}, reusing it")
     else:
         log.info("[2/5] BadEncoder: fine-tuning the clean encoder so that triggered images embed like class 0")
-        run_attack("badencoder", load_config("badencoder-fmnist", "attack"), clean, atk_dir,
-                   resume=(atk_dir / "checkpoints" / "last.pt").is_file())
-        setup_logging(run.file("log.txt"))
+        with log_kept():
+            run_attack("badencoder", load_config("badencoder-fmnist", "attack"), clean, atk_dir,
+                       resume=(atk_dir / "checkpoints" / "last.pt").is_file())
     t_atk = time.perf_counter() - t0 - t_pre
 
     log.info("[3/5] evaluating both encoders (linear probe; kNN k=200, T=0.1) with and without the trigger")
@@ -169,8 +169,8 @@ def run_demo(out: Path, epochs: int | None = None) -> int:
     from encoder_guard.compare import run_matrix
 
     cmp_dir = out / "compare"
-    cells, paths = run_matrix(demo_matrix(pre_dir, atk_dir), cmp_dir)
-    setup_logging(run.file("log.txt"))
+    with log_kept():
+        cells, paths = run_matrix(demo_matrix(pre_dir, atk_dir), cmp_dir)
     total = time.perf_counter() - t0
     keys = ("ca_linear", "ca_knn", "asr_linear", "asr_knn")
     run.write_json("metrics.json", {"clean": {k: m_clean[k] for k in keys}, "badencoder": {k: m_bd[k] for k in keys},

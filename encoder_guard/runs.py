@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from encoder_guard.config import dump_config
 
@@ -73,6 +74,17 @@ def setup_logging(log_file: Path | None) -> logging.Logger:
         logger.addHandler(fh)
     logger.propagate = False
     return logger
+
+
+@contextmanager
+def log_kept() -> Iterator[None]:
+    """Run a nested stage (whose own run directory takes the package log over) and point the log back at the
+    file it wrote to before, however the stage ends."""
+    files = [Path(h.baseFilename) for h in get_logger().handlers if isinstance(h, logging.FileHandler)]
+    try:
+        yield
+    finally:
+        setup_logging(files[0] if files else None)
 
 
 def get_logger() -> logging.Logger:

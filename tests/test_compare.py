@@ -278,3 +278,16 @@ def test_every_shipped_matrix_loads(path, tmp_path, monkeypatch):
             Path(attack["encoder"]).touch()
     loaded = load_matrix(path)
     assert loaded["attacks"].keys() == m["attacks"].keys() and loaded["seeds"]
+
+
+def test_log_kept_points_the_log_back_after_a_nested_run_even_one_that_fails(tmp_path):
+    from encoder_guard.runs import RunDir, get_logger, log_kept
+
+    RunDir(tmp_path / "outer")
+    with pytest.raises(RuntimeError), log_kept():
+        RunDir(tmp_path / "inner").logger.info("inner line")
+        raise RuntimeError
+    get_logger().info("outer line")
+    outer, inner = (tmp_path / "outer" / "log.txt").read_text(), (tmp_path / "inner" / "log.txt").read_text()
+    assert "outer line" in outer and "inner line" not in outer
+    assert "inner line" in inner and "outer line" not in inner

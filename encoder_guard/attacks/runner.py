@@ -56,16 +56,24 @@ def typical_images(encoder: Encoder, pool: torch.Tensor, count: int) -> torch.Te
     return pool[(feats @ centre).argsort(descending=True)[:count]]
 
 
+def build_attack(name: str, cfg: dict[str, Any]) -> Any:
+    """Attack ``name`` with the ``attack`` section of ``cfg`` over its class defaults (its ``hparams()`` are the
+    settings it runs), seeded and placed by ``cfg``."""
+    train = cfg.get("train") or {}
+    try:
+        return ATTACKS.get(name)(**{**(cfg.get("attack") or {}), "seed": int(cfg.get("seed", 0)),
+                                    "device": train.get("device", "cpu")})
+    except (TypeError, ValueError) as exc:
+        raise EncoderGuardError(f"attack {name}: {exc}; change that value in the config or its --set") from exc
+
+
 def run_attack(name: str, cfg: dict[str, Any], encoder: Encoder, out: Path, resume: bool = False) -> dict[str, Any]:
     """Run attack ``name`` with ``cfg`` on ``encoder`` into the run directory ``out`` (also under ``torchrun``:
     every process trains its share of each batch, rank 0 writes)."""
     train = cfg.get("train") or {}
     info = init_distributed(train.get("device"))
     seed = int(cfg.get("seed", 0))
-    try:
-        attack = ATTACKS.get(name)(**{**(cfg.get("attack") or {}), "seed": seed, "device": train.get("device", "cpu")})
-    except (TypeError, ValueError) as exc:
-        raise EncoderGuardError(f"attack {name}: {exc}; change that value in the config or its --set") from exc
+    attack = build_attack(name, cfg)
     resolved = {k: v for k, v in attack.hparams().items() if k not in ("seed", "device")}
     run = RunDir(out, dict(cfg, attack=resolved))
     if train.get("threads"):

@@ -66,7 +66,5 @@ class WarpTrigger(Trigger):
         ins = torch.rand(1, 2, k, k, generator=seeded(seed)) * 2 - 1
         ins = ins / ins.abs().mean()
         noise = F.interpolate(ins, size=image_size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)[0]
-        line = torch.linspace(-1, 1, image_size)
-        rows, cols = torch.meshgrid(line, line, indexing="ij")
-        identity = torch.stack([cols, rows], dim=-1)  # grid_sample reads (x, y)
+        identity = F.affine_grid(torch.eye(2, 3)[None], [1, 1, image_size, image_size], align_corners=True)[0]
         return cls((identity + strength * noise / image_size).clamp(-1, 1), channels)
