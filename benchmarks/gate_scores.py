@@ -1,11 +1,11 @@
-"""Which of Purifier's gates catches a trigger, scored by the map's mean excess or by its peak.
+"""Which of Purifier+'s gates catches a trigger, scored by the map's mean excess or by its peak.
 
 Usage: python benchmarks/gate_scores.py --encoder runs/badencoder-random9/encoder.safetensors \
            --trigger runs/badencoder-random9/trigger.safetensors --target 3 \
-           --purified runs/purifier-badencoder-random9/encoder.safetensors
+           --purified runs/purifier-plus-no-rating-badencoder-random9/encoder.safetensors
 
-(``--purified``: ``encoder-guard defend purifier --encoder runs/badencoder-random9/encoder.safetensors
---out runs/purifier-badencoder-random9``.) For every detecting gate of the purified encoder (its fitted
+(``--purified``: ``encoder-guard defend purifier-plus-no-rating --encoder runs/badencoder-random9/encoder.safetensors
+--out runs/purifier-plus-no-rating-badencoder-random9``.) For every detecting gate of the purified encoder (its fitted
 ``hi`` and ``scale``), the stage maps of the encoder *without* plug-ins are scored both ways on clean test
 images and on the same images with the trigger (those not of the target class): ``peak``, the gate's own
 score (``ActivationAlignment.excess``: the channels' mean excess at each position, taken where it is
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--encoder", required=True, help="the encoder the purified one was fitted on (no plug-ins)")
     ap.add_argument("--trigger", required=True)
     ap.add_argument("--target", type=int, default=0, help="the attack's target class (its images are left out)")
-    ap.add_argument("--purified", required=True, help="a Purifier / Purifier+ encoder with gated plug-ins")
+    ap.add_argument("--purified", required=True, help="a purifier-plus or purifier-plus-no-rating encoder with gated plug-ins")
     ap.add_argument("--images", type=int, default=4000, help="first N test images")
     ap.add_argument("--quantile", type=float, default=0.99)
     args = ap.parse_args()
@@ -65,7 +65,7 @@ def main() -> None:
     purified = load_encoder(args.purified).eval()
     gates = {t: p for t, p in purified.plugins.items() if getattr(p, "gated", False) and p.detect}
     if not gates:
-        sys.exit(f"{args.purified} has no detecting gate (fit Purifier with a gate)")
+        sys.exit(f"{args.purified} has no detecting gate (fit Purifier+ with a gate)")
     test = load_dataset("fashion-mnist", "test")
     x = test.images[: args.images].float().div(255)
     y = test.labels[: args.images]

@@ -1,10 +1,10 @@
-"""Inference cost of Purifier's plug-ins: images/s of a purified encoder vs the same encoder without them.
+"""Inference cost of Purifier+'s plug-ins: images/s of a purified encoder vs the same encoder without them.
 
 Usage: python benchmarks/purifier_throughput.py --original runs/badencoder/encoder.safetensors \
-           --purified runs/purifier-badencoder/encoder.safetensors \
+           --purified runs/purifier-plus-no-rating-badencoder/encoder.safetensors \
            [--purified runs/purifier-plus-badencoder/encoder.safetensors ...]
 
-(``encoder-guard defend purifier|purifier-plus --encoder runs/badencoder/encoder.safetensors --out RUN``.)
+(``encoder-guard defend purifier-plus-no-rating|purifier-plus --encoder runs/badencoder/encoder.safetensors --out RUN``.)
 
 Times ``encoder(x)`` on batches of 512 Fashion-MNIST test images (no grad, eval mode; ``--device cuda``
 synchronises before each clock read, so a batch's time includes its kernels). The encoders take

@@ -1,7 +1,7 @@
 """The downstream classifier: an encoder and a linear head, the model a downstream user deploys.
 
-Encoder-level defenses (MIMIC, Purifier) return an encoder; downstream defenses (PAD-FT, D3, TAC, ANP,
-fine-pruning) return a classifier. The head works on the encoder's raw pooled features: the linear
+Encoder-level defenses (MIMIC, Purifier+) return an encoder; downstream defenses (PAD-FT, D3, TAC, ANP,
+fine-pruning, Purifier) return a classifier. The head works on the encoder's raw pooled features: the linear
 probe's standardisation is folded into its weights, and an optional per-dimension clamp (PAD-FT's
 activation clipping) sits in front of it. Saved as ``head.safetensors`` next to the encoder's checkpoint.
 """

@@ -13,7 +13,7 @@ from torch import Tensor
 from downstream.features import cached_features
 from downstream.knn import knn_predict
 from downstream.linear import fit_linear_probe
-from downstream.metrics import accuracy, attack_success_rate, robust_accuracy
+from downstream.metrics import accuracy, attack_success_rate, robust_accuracy, worst_class_asr
 from encoder_guard.data import ImageDataset
 from encoder_guard.encoders import Encoder
 
@@ -45,8 +45,9 @@ def evaluate_encoder(
 ) -> dict[str, Any]:
     """CA of a linear probe and kNN trained on ``train`` features, measured on ``test``.
 
-    With ``trigger`` (a function on ``[0, 1]`` image batches) and ``target``, also ASR and RA of both
-    classifiers on the triggered test set (non-target images only).
+    With ``trigger`` (a function on ``[0, 1]`` image batches), the worst-class ASR of both classifiers on the
+    triggered test set (``worst_asr_*``, ``worst_class_*``); with ``target`` too, their ASR and RA (non-target
+    images only).
     """
     cfg = cfg or EvalConfig()
     if train.channels != encoder.spec.in_chans:
@@ -77,12 +78,13 @@ def evaluate_encoder(
         "encoder_digest": digest or encoder.digest(),
     }
     if trigger is not None:
-        if target is None:
-            raise ValueError("a trigger needs a target class for ASR")
         f_trig = cached_features(encoder, test, trigger_key or repr(trigger), trigger, cache=cfg.cache,
                                  device=cfg.device, digest=digest)
         trig_lin = probe.predict(f_trig)
         trig_knn = knn_predict(f_train, train.labels, f_trig, n_cls, cfg.knn_k, cfg.knn_temperature)
+        for name, pred in (("linear", trig_lin), ("knn", trig_knn)):
+            out[f"worst_asr_{name}"], out[f"worst_class_{name}"] = worst_class_asr(pred, test.labels, n_cls)
+    if trigger is not None and target is not None:
         out.update(
             target=int(target),
             asr_linear=attack_success_rate(trig_lin, test.labels, target),

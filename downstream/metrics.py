@@ -3,6 +3,8 @@
 - CA: accuracy on the clean test set.
 - ASR: share of triggered test images whose true class is not the target that are classified as the
   target (MIMIC's code also counts target-class images; we do not).
+- worst-class ASR: the largest share of triggered images sent to one class they do not belong to, for a
+  set where the attacker's target is unknown or absent (another domain than the attacker's).
 - RA: robust accuracy, share of triggered non-target images classified as their true class
   (BackdoorBench ``utils/metric.py``).
 - DER: defense effectiveness rating, ``(max(0, ΔASR) - max(0, ΔCA) + 1) / 2`` (BackdoorBench).
@@ -28,6 +30,19 @@ def attack_success_rate(pred_triggered: Tensor, labels: Tensor, target: int) -> 
     if not bool(keep.any()):
         raise ValueError(f"every test label is the target {target}: ASR is undefined")
     return float((pred_triggered[keep] == target).float().mean())
+
+
+def worst_class_asr(pred_triggered: Tensor, labels: Tensor, num_classes: int) -> tuple[float, int]:
+    """The share of triggered images of other classes classified as the single class that draws the most of
+    them, and that class: ASR toward the worst target, for when no target is known."""
+    best, cls = 0.0, 0
+    for c in range(num_classes):
+        keep = labels != c
+        if bool(keep.any()):
+            share = float((pred_triggered[keep] == c).float().mean())
+            if share > best:
+                best, cls = share, c
+    return best, cls
 
 
 def robust_accuracy(pred_triggered: Tensor, labels: Tensor, target: int) -> float:

@@ -142,6 +142,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heldout(args: argparse.Namespace) -> int:
+    from encoder_guard.heldout import load_heldout_config, merge, parse_shard, run_heldout
+
+    cfg, out = load_heldout_config(args.config), Path(args.out)
+    shard = parse_shard(args.shard) if args.shard else (1, 1)
+    if not args.merge:
+        run_heldout(cfg, out, shard)
+    if args.shard and not args.merge:
+        print(f"shard {args.shard} finished; when every shard has: encoder-guard heldout {args.config} --out {out} --merge")
+        return 0
+    _, paths = merge(cfg, out)
+    print(paths["markdown"].read_text())
+    return 0
+
+
 def cmd_analyze_mi(args: argparse.Namespace) -> int:
     from encoder_guard.analysis import mi_report
 
@@ -338,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("matrix", help="matrix YAML (see configs/compare/)")
     sp.add_argument("--out", required=True, help="report directory (finished cells in it are reused)")
     sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("heldout", help="encoder-level defenses on held-out zoo attacks and another domain")
+    sp.add_argument("config", help="benchmark YAML (see configs/heldout/)")
+    sp.add_argument("--out", required=True, help="directory of cells (finished ones are reused) and the report")
+    sp.add_argument("--shard", default=None, metavar="K/N", help="run every N-th unit from the K-th (a job array's task)")
+    sp.add_argument("--merge", action="store_true", help="only write the report from the finished cells")
+    sp.set_defaults(func=cmd_heldout)
 
     sp = sub.add_parser("info", help="show a checkpoint's spec and what was assumed about it")
     _add_encoder_args(sp, positional=True)

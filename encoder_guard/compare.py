@@ -3,7 +3,7 @@
 Every cell is one (attack, defense, seed): the defense runs through the same runner as ``encoder-guard
 defend`` in ``DIR/cells/<attack>/<defense>/seed<k>/defense``, and what it returns is judged on the test set:
 
-- an **encoder** (the undefended ``none`` row and every encoder-level defense: MIMIC, Purifier, ...) gets the
+- an **encoder** (the undefended ``none`` row and every encoder-level defense: MIMIC, Purifier+, ...) gets the
   protocol's linear probe and kNN classifier on the downstream training set (BadNets-poisoned under an
   attack with ``poison_rate``), and the cell reports CA, ASR and RA of both;
 - a **classifier** (PAD-FT, D3, TAC, ...: encoder + linear head) is judged as it is; the cell reports its

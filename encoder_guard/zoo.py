@@ -8,7 +8,8 @@ a target class and a trigger drawn from the family's ranges:
   white, a seeded random binary pattern or a checkerboard;
 - ``blend``: seeded uniform noise blended at α 0.1–0.3 (Blended, arXiv 1712.05526);
 - ``ctrl``: CTRL's DCT trigger (ICCV 2023, arXiv 2210.07346), magnitude 60–150 at a mid and a high frequency;
-- ``warp``: WaNet's smooth warp (ICLR 2021, arXiv 2102.10369), k 3–5 control points, strength 0.5–1.
+- ``warp``: WaNet's smooth warp (ICLR 2021, arXiv 2102.10369), k 3–5 control points, strength 2–3 (on the dev
+  draws, 0.66–1.57 planted 86–95% linear ASR, under the zoo's 95% bar at k 5; 2.0 at k 5 planted 95.4%).
 
 **The split.** Seeds below :data:`TEST_START` are the **dev** split: presets and thresholds are chosen by
 looking at them. Seeds from :data:`TEST_START` on are the **test** split: only ever reported. The split is a
@@ -81,7 +82,7 @@ def draw(family: str, seed: int, image_size: int = 28, num_classes: int = 10) ->
         mid, high = g.randint(window // 2 - 3, window // 2 + 1), g.randint(window - 4, window - 1)
         trigger = {"kind": "ctrl", "magnitude": round(g.uniform(60, 150), 1), "frequencies": [[mid, mid], [high, high]]}
     else:
-        trigger = {"kind": "warp", "k": g.randint(3, 5), "strength": round(g.uniform(0.5, 1.0), 3),
+        trigger = {"kind": "warp", "k": g.randint(3, 5), "strength": round(g.uniform(2.0, 3.0), 3),
                    "seed": g.randrange(2**31)}
     return ZooAttack(family, seed, target, trigger)
 

@@ -54,7 +54,7 @@ def clf(encoder, poisoned) -> Classifier:
 
 
 def test_classifier_defenses_are_registered_at_classifier_level():
-    for name in ("d3", "pad-ft", "tac", "purifier-cc"):
+    for name in ("d3", "pad-ft", "tac", "purifier"):
         assert name in DEFENSES.names() and defense_level(name) == "classifier"
     assert defense_level("mimic") == "encoder"
 
@@ -407,7 +407,7 @@ def _sets(trigger_file, *extra):
 
 
 FAST = {"d3": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"],
-        "purifier-cc": ["defense.head_epochs=1", "defense.epochs=1"]}
+        "purifier": ["defense.head_epochs=1", "defense.epochs=1"]}
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

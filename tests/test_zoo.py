@@ -31,7 +31,7 @@ def test_draws_stay_in_their_familys_ranges_and_reach_every_target():
         elif a.family == "ctrl":
             assert 60 <= t["magnitude"] <= 150 and all(0 <= f < 28 for pair in t["frequencies"] for f in pair)
         else:
-            assert 3 <= t["k"] <= 5 and 0.5 <= t["strength"] <= 1.0
+            assert 3 <= t["k"] <= 5 and 2.0 <= t["strength"] <= 3.0
     patches = [a for a in attacks if a.family == "patch"]
     assert {a.trigger["pattern"] for a in patches} == {"white", "random", "checkerboard"}
     centre = [a for a in patches if all(6 <= p <= 22 - a.trigger["size"] for p in a.trigger["position"])]

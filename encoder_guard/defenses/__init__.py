@@ -8,7 +8,7 @@ from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
     mimic,
     padft,
     purifier,
-    purifier_cc,
+    purifier_plus,
     ssl_baselines,
     tac,
 )

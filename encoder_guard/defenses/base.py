@@ -1,9 +1,9 @@
 """The defense contract: one base class, two levels a defense acts on (the class attribute ``level``).
 
-- ``level = "encoder"`` (MIMIC, Purifier, CLP, ...): ``defense(encoder, data: DefenseData) -> DefenseResult``
+- ``level = "encoder"`` (MIMIC, Purifier+, CLP, ...): ``defense(encoder, data: DefenseData) -> DefenseResult``
   takes a possibly backdoored encoder and the clean unlabelled images its threat model grants, and returns
   a defended encoder (loadable like any other checkpoint).
-- ``level = "classifier"`` (PAD-FT, D3, TAC, ANP, fine-pruning, the class-conditional Purifier):
+- ``level = "classifier"`` (PAD-FT, D3, TAC, ANP, fine-pruning, Purifier):
   ``defense(classifier, data: DownstreamData) -> DefenseResult`` takes the deployed classifier (encoder +
   linear head) and what a downstream defender holds (the labelled set the classifier was trained on,
   possibly poisoned, and/or a small clean labelled set), and returns a defended classifier.

@@ -23,7 +23,7 @@ from encoder_guard.errors import CheckpointError
 
 SPEC_KEY = "encoder_guard.spec"
 FORMAT_KEY = "format"
-PLUGIN_PREFIX = "plugins."  # plug-in tensors (Purifier alignment) beside the backbone's
+PLUGIN_PREFIX = "plugins."  # plug-in tensors (Purifier's masks, Purifier+'s alignment) beside the backbone's
 
 
 def save_encoder(encoder: Encoder, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:

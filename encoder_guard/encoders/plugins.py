@@ -1,4 +1,4 @@
-"""Plug-in modules on an encoder's stage outputs: the mechanism behind Purifier / Purifier+.
+"""Plug-in modules on an encoder's stage outputs: the mechanism behind Purifier and Purifier+.
 
 A plug-in is a small module applied to a tap's output map by a forward hook on that stage, so it works on
 any backbone the :class:`~encoder_guard.encoders.Encoder` wraps (timm, torchvision or imported weights)
@@ -9,9 +9,9 @@ saves and loads like any other.
 Two plug-ins, both called as ``plugin(x, inplace=False)``; the encoder's hook passes ``inplace=True``
 because the stage's output is its own, so a plug-in may then overwrite ``x`` rather than copy it:
 
-- ``ClassMask`` (``class-mask``): the class-conditional Purifier's mask (see its docstring);
-- ``ActivationAlignment`` (``align``): per unit, clamp the activation into its normal range ``[lo, hi]``
-  and multiply by a gain. A *unit* depends on the granularity:
+- ``ClassMask`` (``class-mask``): Purifier's class-conditional mask (see its docstring);
+- ``ActivationAlignment`` (``align``): Purifier+'s alignment; per unit, clamp the activation into its normal
+  range ``[lo, hi]`` and multiply by a gain. A *unit* depends on the granularity:
 
 - ``channel``: one range per channel, shared by all positions;
 - ``cube``: one range per spatial position for the L2 norm of the channel vector there (the whole

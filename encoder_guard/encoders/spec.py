@@ -39,7 +39,7 @@ class EncoderSpec:
         mean / std: per-channel normalisation applied inside the encoder to ``[0, 1]`` inputs.
         ssl_method: how the weights were trained (``simclr``, ``byol``, ``badencoder``...), if known.
         provenance: free-form record (source format, file, run, attack...).
-        plugins: plug-in modules on stage outputs, by tap name (see ``encoders.plugins``; Purifier).
+        plugins: plug-in modules on stage outputs, by tap name (see ``encoders.plugins``; Purifier, Purifier+).
     """
 
     arch: str = "resnet"
