@@ -4,13 +4,14 @@ Usage: python benchmarks/heldout.py configs/heldout/fmnist-test.yaml [--runs DIR
 
 Runs (or resumes) ``encoder-guard heldout`` in ``--runs`` (default ``runs/heldout-<name>``; with ``--merge``
 only the report is written from the finished cells, e.g. after a job array ran the shards) and copies the
-report to ``benchmarks/results/heldout_<name>.{md,json}`` with the machine that measured it.
+report to ``benchmarks/results/heldout_<name>.{md,json,png}`` with the machine that measured it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"heldout_{name}"
     stem.with_suffix(".md").write_text(paths["markdown"].read_text())
+    if "plot" in paths:
+        shutil.copyfile(paths["plot"], stem.with_suffix(".png"))
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "config": args.config,
                                                      **json.loads(paths["json"].read_text())}, indent=2, default=str))
     print(paths["markdown"].read_text())

@@ -1,11 +1,11 @@
-"""Poisoned pretraining (SSL-Backdoor patch, CTRL frequency trigger) on a preset: CA and ASR per cell.
+"""Poisoned pretraining (SSL-Backdoor patch, CTRL frequency trigger, CorruptEncoder placement): CA and ASR per cell.
 
-Every cell is one ``pretrain`` run with ``poison.kind``/``poison.rate`` set, evaluated with the trigger the
+Every cell is one ``pretrain`` run with ``poison.kind``/``poison.rate``/``poison.placement`` set, evaluated with the trigger the
 run wrote (linear probe and kNN, non-target test images), beside the same trigger's ASR on a reference
 clean encoder (chance level). A cell whose encoder exists is not retrained; one killed midway resumes.
 
 Usage: python benchmarks/poisoned_pretraining.py [--methods simclr byol] [--kinds patch ctrl]
-       [--rates 0.05 0.01] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
+       [--rates 0.05 0.01] [--placements stamp corrupt] [--target 0] [--reference runs/clean/encoder.safetensors] [--root runs/poison]
        [--set optim.epochs=2 ...] [--report-only]
 Writes RUN/eval.json per cell (read back, not recomputed, on a rerun) and benchmarks/results/poisoned_pretraining.{json,md};
 ``--report-only`` tabulates the cells already trained (others are listed as not run) without training any.
@@ -33,11 +33,12 @@ from pretrain.trainer import CHECKPOINT
 PRESETS = {"simclr": "fmnist-tiny", "byol": "fmnist-tiny-byol"}
 
 
-def run_cell(method: str, kind: str, rate: float, target: int, root: Path, overrides: list[str],
+def run_cell(method: str, kind: str, rate: float, placement: str, target: int, root: Path, overrides: list[str],
              train: bool = True) -> tuple[Path, float | None]:
     """The cell's run directory and its pretraining seconds (``None``: not trained and ``train`` is off)."""
-    out = root / f"{method}-{kind}-{rate:g}"
-    sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", *overrides]
+    out = root / (f"{method}-{kind}-{rate:g}" + ("" if placement == "stamp" else f"-{placement}"))
+    sets = [f"poison.kind={kind}", f"poison.rate={rate}", f"poison.target={target}", f"poison.placement={placement}",
+            *overrides]
     if (out / "encoder.safetensors").exists():  # trained by an earlier run: the training loop's own time
         return out, json.loads((out / "metrics.json").read_text()).get("train_seconds_since_resume", float("nan"))
     if not train:
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["simclr", "byol"], choices=sorted(PRESETS))
     ap.add_argument("--kinds", nargs="+", default=["patch", "ctrl"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.05, 0.01])
+    ap.add_argument("--placements", nargs="+", default=["stamp"], choices=["stamp", "corrupt"],
+                    help="stamp: the trigger on target images; corrupt: CorruptEncoder's object and trigger apart")
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--reference", default="runs/clean/encoder.safetensors")
     ap.add_argument("--root", default="runs/poison")
@@ -66,10 +69,12 @@ def main() -> None:
     on_reference: dict[str, dict] = {}
     for rate in args.rates:
         for method in args.methods:
-            for kind in args.kinds:
-                out, seconds = run_cell(method, kind, rate, args.target, Path(args.root), args.set, not args.report_only)
+            for kind, placement in ((k, p) for k in args.kinds for p in args.placements):
+                out, seconds = run_cell(method, kind, rate, placement, args.target, Path(args.root), args.set,
+                                        not args.report_only)
                 if seconds is None:
-                    rows.append({"method": method, "kind": kind, "rate": rate, "target": args.target, "run": None})
+                    rows.append({"method": method, "kind": kind, "placement": placement, "rate": rate,
+                                 "target": args.target, "run": None})
                     continue
                 done = out / "eval.json"  # a cell is evaluated once; a rerun reads it back
                 if done.exists():
@@ -78,7 +83,8 @@ def main() -> None:
                 trigger = load_trigger(out / "trigger.safetensors")
                 kw = dict(trigger=trigger, trigger_key=trigger.key(), target=args.target)
                 m = evaluate_encoder(load_encoder(out / "encoder.safetensors"), train, test, ecfg, **kw)
-                row = {"method": method, "kind": kind, "rate": rate, "target": args.target, "run": str(out),
+                row = {"method": method, "kind": kind, "placement": placement, "rate": rate, "target": args.target,
+                       "run": str(out),
                        "pretrain_seconds": seconds, **{k: m[k] for k in ("ca_linear", "ca_knn", "asr_linear", "asr_knn")}}
                 if reference is not None:  # one evaluation per trigger: cells of the same kind share it
                     if trigger.key() not in on_reference:
@@ -89,15 +95,16 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row))
     lines = [f"## Poisoned pretraining, target class {args.target} {' '.join(args.set)}", "",
-             "| method | trigger | rate | CA linear | CA kNN | ASR linear | ASR kNN "
+             "| method | trigger | placement | rate | CA linear | CA kNN | ASR linear | ASR kNN "
              "| same trigger on clean encoder (lin / kNN) | training since the last resume |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["run"] is None:
-            lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | not run | | | | | |")
+            lines.append(f"| {r['method']} | {r['kind']} | {r['placement']} | {r['rate']:.0%} | not run | | | | | |")
             continue
         ref = f"{r['ref_asr_linear']:.1%} / {r['ref_asr_knn']:.1%}" if "ref_asr_linear" in r else "—"
-        lines.append(f"| {r['method']} | {r['kind']} | {r['rate']:.0%} | {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
+        lines.append(f"| {r['method']} | {r['kind']} | {r.get('placement', 'stamp')} | {r['rate']:.0%} "
+                     f"| {r['ca_linear']:.2%} | {r['ca_knn']:.2%} | "
                      f"{r['asr_linear']:.2%} | {r['asr_knn']:.2%} | {ref} | {r['pretrain_seconds'] / 60:.1f} min |")
     write_result("poisoned_pretraining", {"overrides": args.set, "reference": args.reference, "rows": rows}, lines)
 

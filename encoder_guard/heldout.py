@@ -165,11 +165,19 @@ def _cached(path: Path, compute: Any) -> dict[str, Any]:
     return result
 
 
+def _finished(cfg: dict[str, Any], done: Path) -> bool:
+    """Whether ``done`` (a ``unit.json``) holds a row for every defense of ``cfg``: a defense added to the
+    config runs on every unit; the rest of its cells are reused."""
+    if not done.is_file():
+        return False
+    return [r["defense"] for r in json.loads(done.read_text())["rows"]] == [NONE, *cfg["defenses"]]
+
+
 def run_unit(cfg: dict[str, Any], unit: Unit, out: Path, progress: str = "") -> dict[str, Any]:
     """Every cell of one unit (each reused when finished); writes and returns ``out/cells/NAME/unit.json``."""
     log = get_logger()
     done = out / "cells" / unit.name / "unit.json"
-    if done.is_file():
+    if _finished(cfg, done):
         log.info(f"{progress}{unit.name}: finished")
         return json.loads(done.read_text())
     log.info(f"{progress}{unit.name} ({unit.family})")
@@ -364,16 +372,60 @@ def markdown(cfg: dict[str, Any], summary: dict[str, Any], missing: list[str], t
     return "\n".join(lines) + "\n"
 
 
+def plot(cfg: dict[str, Any], summary: dict[str, Any], path: Path) -> Path | None:
+    """ASR of every planted encoder under every row, by family, against the pass line; ``None`` without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [e for e in summary["rows"] if e["planted"]]
+    labels = list(dict.fromkeys(e["defense"] for e in rows))
+    families = list(dict.fromkeys(e["family"] for e in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colours = plt.get_cmap("tab10")
+    for ax, k in zip(axes, ("linear", "knn")):
+        named: set[str] = set()
+        for e in rows:
+            if e[f"asr_{k}"] is None:
+                continue
+            i, f = labels.index(e["defense"]), families.index(e["family"])
+            x = i + (f - (len(families) - 1) / 2) * 0.12
+            ax.scatter(x, 100 * e[f"asr_{k}"], s=22, color=colours(f % 10), alpha=0.85,
+                       label=None if e["family"] in named else e["family"])
+            named.add(e["family"])
+        ax.axhline(100 * float(cfg["pass_asr"]), ls="--", lw=1, color="grey")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_title(f"ASR, {'linear probe' if k == 'linear' else 'kNN'} (dashed: {100 * cfg['pass_asr']:.0f}%)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("attack success rate (%)")
+    if rows:
+        axes[0].legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def merge(cfg: dict[str, Any], out: Path, title: str | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Write ``out/report.{md,json}`` from the finished units (unfinished ones are listed, not waited for)."""
+    """Write ``out/report.{md,json}`` (and ``asr_by_defense.png`` with matplotlib) from the finished units
+    (unfinished ones are listed, not waited for)."""
     results, missing = [], []
     for unit in plan(cfg):
         done = out / "cells" / unit.name / "unit.json"
-        (results.append(json.loads(done.read_text())) if done.is_file() else missing.append(unit.name))
+        (results.append(json.loads(done.read_text())) if _finished(cfg, done) else missing.append(unit.name))
     summary = summarise(cfg, results)
     text = markdown(cfg, summary, missing, title or cfg.get("title", "Held-out attacks"))
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     (out / "report.md").write_text(text)
     _json(out / "report.json", {**summary, "missing": missing, "units": results})
-    return summary, {"markdown": out / "report.md", "json": out / "report.json"}
+    paths = {"markdown": out / "report.md", "json": out / "report.json"}
+    png = plot(cfg, summary, out / "asr_by_defense.png")
+    if png is not None:
+        paths["plot"] = png
+    return summary, paths

@@ -10,7 +10,7 @@ from encoder_guard.cli import main
 from encoder_guard.data import make_synthetic
 from encoder_guard.encoders import Encoder, load_encoder, save_encoder
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.triggers import PatchTrigger
+from encoder_guard.triggers import PatchTrigger, build_trigger
 from encoder_guard.triggers.poison import poison_downstream, poison_pretraining
 
 
@@ -91,6 +91,21 @@ def test_poisoned_pretraining_stamps_target_class_images_only():
     assert torch.equal(poison_pretraining(ds, trig, 2, 0.05, seed=0).indices, p.indices)
     with pytest.raises(EncoderGuardError, match="lower poison.rate"):
         poison_pretraining(ds, trig, target=2, rate=0.5)
+
+
+def test_corrupt_placement_puts_object_and_trigger_in_opposite_corners():
+    ds = make_synthetic(size=400, num_classes=4, image_size=16)
+    trig = PatchTrigger.square(16, 1, size=4)  # bottom-right
+    p = poison_pretraining(ds, trig, target=1, rate=0.05, seed=0, placement="corrupt", object_scale=0.5)
+    assert bool((ds.labels[p.indices] == 1).all())
+    x = p.dataset.images[p.indices].float()
+    assert bool((x[:, :, 12:, 12:] == 255).all())  # the white patch, on the canvas
+    assert float(x[:, :, :8, :8].mean()) > 40  # the shrunk object, top-left
+    assert float(x[:, :, 8:12, :].abs().sum()) == 0 and float(x[:, :, :, 8:12].abs().sum()) == 0  # black between
+    with pytest.raises(EncoderGuardError, match="needs a patch trigger"):
+        poison_pretraining(ds, build_trigger({"kind": "blend", "alpha": 0.2}, 16, 1), 1, 0.05, placement="corrupt")
+    with pytest.raises(EncoderGuardError, match="placement must be"):
+        poison_pretraining(ds, trig, 1, 0.05, placement="paste")
 
 
 def test_badnets_downstream_poisoning_relabels_to_target():

@@ -82,11 +82,22 @@ def test_two_shards_in_two_processes_merge_into_one_report(config_file, tmp_path
             assert all("worst_asr_linear" in r["other_domain"] for r in unit["rows"])
     assert {a["defense"] for a in report["aggregates"]} == {"none", "mimic", "purifier-plus"}
     assert (out / "encoders" / "patch-1000" / "trigger.safetensors").is_file()
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (out / "asr_by_defense.png").is_file()
+    except ImportError:
+        pass
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/unit.json")}
     cfg = load_heldout_config(config_file)
     run_heldout(cfg, out)  # everything is finished: nothing is recomputed
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/unit.json")} == stamps
+
+    cells = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/metrics.json")}
+    cfg["defenses"] = {"mimic": cfg["defenses"]["mimic"]}  # another set of defenses: units redone from their cells
+    assert [[r["defense"] for r in u["rows"]] for u in run_heldout(cfg, out)] == [["none", "mimic"]] * 3
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/metrics.json")} == cells
 
 
 def test_a_unit_dir_holding_another_attack_is_refused(config_file, tmp_path):

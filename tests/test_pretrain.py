@@ -61,6 +61,7 @@ def test_poisoned_pretraining_records_its_trigger_and_target_class_indices(tmp_p
     record = json.loads((run / "poison.json").read_text())
     labels = make_synthetic(size=512, image_size=16, seed=0).labels
     assert record["kind"] == "patch" and record["target"] == 2 and record["poisoned"] == round(0.05 * 512) == 26
+    assert record["placement"] == "stamp"
     assert (labels[torch.tensor(record["indices"])] == 2).all()
     trigger = load_trigger(run / "trigger.safetensors")
     assert trigger.key() == build_trigger({"kind": "patch", "size": 4}, 16, 1).key()
