@@ -11,7 +11,9 @@ defend`` in ``DIR/cells/<attack>/<defense>/seed<k>/defense``, and what it return
 - an encoder-level defense gets the matrix's ``data`` (a clean unlabelled share of the pretraining set); a
   classifier-level one the deployed classifier (a linear probe fitted on the training set with the cell's
   seed) and the matrix's ``downstream`` data (5% clean labelled images by default; PAD-FT uses none);
-- ``none`` (always run) is the undefended encoder; ΔCA and DER of every cell are against it.
+- ``none`` (always run) is the undefended encoder, judged like an encoder-level defense's output; under the
+  poisoned fine-tune threat (``downstream.victim: finetune``) it is the fine-tuned victim classifier itself.
+  ΔCA and DER of every cell are against it.
 
 A matrix file has ``attacks`` (each an ``encoder``, ``trigger`` and ``target``, or a ``run`` directory of
 ``encoder-guard attack``/``pretrain`` holding all three, plus ``poison_rate`` for a poisoned downstream set)
@@ -45,7 +47,7 @@ from encoder_guard.defenses.runner import build_defense, defend_config, run_defe
 from encoder_guard.encoders import load_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import RunDir, get_logger, log_kept
-from encoder_guard.threats import downstream_setup
+from encoder_guard.threats import deployed_classifier, downstream_setup, victim_of
 
 NONE = "none"
 ENTRY_KEYS = ("method", "seeds", "only", "not_applicable", "config")
@@ -183,6 +185,10 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
             report = json.loads(report_file.read_text())
         else:
             report = run_defense(method, cfg, encoder, run_dir, resume=(run_dir / "checkpoints").is_dir())
+    if method == NONE and victim_of(cfg) == "finetune":  # the undefended row is the fine-tuned victim itself
+        ds = downstream_setup(cfg, encoder, seed, clean=False)
+        report = {**report, "after": ds.evaluate(deployed_classifier(cfg, encoder, ds, seed))}
+        level = out["level"] = "classifier"
     if level == "classifier":
         after = report["after"]
         metrics = {"ca_linear": after["ca"], "asr_linear": after.get("asr"), "ra_linear": after.get("ra"),

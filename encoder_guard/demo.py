@@ -7,8 +7,8 @@
    the raw-pixel baselines as the floor an encoder must beat;
 4. compare defenses under both threat models (the BadEncoder encoder under a clean probe; the clean encoder
    under a probe trained on a 5% BadNets-poisoned set) with ``encoder-guard compare``, one seed: MIMIC (its
-   preset, against the backdoored encoder only) and Purifier+ at the encoder, PAD-FT, D3, TAC and Purifier at the
-   classifier, linear probe and kNN for every defense that returns an encoder.
+   preset, against the backdoored encoder only), Purifier+ and its ablation without importance rating at the
+   encoder, PAD-FT, D3 and TAC at the classifier, linear probe and kNN for every defense that returns an encoder.
 
 Each stage is skipped when its results are already in the run directory, and an interrupted stage resumes,
 so running the demo again continues where it stopped.
@@ -27,11 +27,11 @@ MIN_EPOCHS = 2  # below this the encoder is too weak for BadEncoder's table to m
 PRETRAIN_BUDGET_S = 330.0  # the pretraining stage's share of the demo's ~15 minutes
 DEFENSES: dict[str, dict[str, Any]] = {
     "mimic": {"only": ["badencoder"]},  # its preset, about 4 minutes on 2 cores: against the backdoored encoder only
+    "purifier-plus-no-rating": {},
     "purifier-plus": {},
     "pad-ft": {},  # classifier-level from here on
     "d3": {},
     "tac": {},
-    "purifier": {},
 }
 
 

@@ -1,16 +1,20 @@
-"""The two threat models, and what each grants a defender.
+"""The three threat models, and what each grants a defender.
 
 A downstream classifier is an encoder with a linear head trained on a labelled downstream set. It is
-backdoored in one of two ways, and every defense is judged under both:
+backdoored in one of three ways:
 
 - **a backdoored encoder** (``downstream.poison_rate: 0``): BadEncoder or poisoned pretraining planted the
   backdoor in the encoder; the probe is trained on a clean downstream set;
-- **a poisoned downstream set** (``downstream.poison_rate > 0``): a clean encoder under a probe trained on a
-  BadNets-poisoned downstream set (``poison_rate`` of it stamped with the trigger and relabelled).
+- **a poisoned probe** (``downstream.poison_rate > 0``, ``downstream.victim: probe``): a clean, frozen encoder
+  under a probe trained on a BadNets-poisoned downstream set (``poison_rate`` of it stamped with the trigger
+  and relabelled); the backdoor lives in one linear layer;
+- **a poisoned fine-tune** (``downstream.poison_rate > 0``, ``downstream.victim: finetune``): the victim
+  fine-tunes encoder and head end to end on the poisoned set (the recipe in ``downstream.finetune``); the
+  backdoor lives in the whole network, the setting of the downstream defenses' papers.
 
 An encoder-level defender holds a little clean unlabelled data (:func:`defense_data`: a seeded share of the
 encoder's pretraining set, at most 5%); a classifier-level defender holds the training set the classifier
-was trained on (poisoned under the second threat) and a clean labelled share of it (:func:`downstream_setup`:
+was trained on (poisoned under the last two threats) and a clean labelled share of it (:func:`downstream_setup`:
 5% by default, drawn class-balanced from its unpoisoned images).
 """
 
@@ -21,6 +25,7 @@ from typing import Any
 
 from downstream.classifier import Classifier, fit_classifier, load_head
 from downstream.evaluate import evaluate_classifier
+from downstream.finetune import FinetuneConfig, finetuned_victim
 from encoder_guard.adapt import adapt_dataset
 from encoder_guard.data import ImageDataset, load_dataset
 from encoder_guard.data.subsets import take_subset
@@ -135,9 +140,23 @@ def downstream_setup(cfg: dict[str, Any], encoder: Encoder, seed: int, clean: bo
     return Downstream(DownstreamData(train, holdout, poisoned), test, trigger, target)
 
 
+VICTIMS = ("probe", "finetune")
+
+
+def victim_of(cfg: dict[str, Any]) -> str:
+    """How the deployed classifier is trained (``downstream.victim``): ``probe`` or ``finetune``."""
+    victim = (cfg.get("downstream") or {}).get("victim") or "probe"
+    if victim not in VICTIMS:
+        raise EncoderGuardError(f"downstream.victim must be one of {', '.join(VICTIMS)}, not {victim!r}")
+    return str(victim)
+
+
 def deployed_classifier(cfg: dict[str, Any], encoder: Encoder, ds: Downstream, seed: int) -> Classifier:
-    """The classifier under defense: ``downstream.head`` if given, else a linear probe on the training set."""
-    head = (cfg.get("downstream") or {}).get("head")
-    if head:
-        return Classifier(encoder, load_head(head, encoder.feature_dim))
+    """The classifier under defense: ``downstream.head`` if given, else a linear probe on the training set,
+    fine-tuned end to end on it under ``downstream.victim: finetune``."""
+    d = cfg.get("downstream") or {}
+    if d.get("head"):
+        return Classifier(encoder, load_head(d["head"], encoder.feature_dim))
+    if victim_of(cfg) == "finetune":
+        return finetuned_victim(encoder, ds.data.train, FinetuneConfig.from_dict(d.get("finetune")), seed)
     return fit_classifier(encoder, ds.data.train, seed=seed)

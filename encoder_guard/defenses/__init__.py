@@ -11,6 +11,7 @@ from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
     purifier_plus,
     ssl_baselines,
     tac,
+    yardsticks,
 )
 from encoder_guard.defenses.base import DEFENSES, Defense, DefenseResult, defense_level
 from encoder_guard.threats import DefenseData, DownstreamData
