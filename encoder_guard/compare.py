@@ -60,7 +60,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]
     return out
 
 
-def _attack_from_run(name: str, attack: dict[str, Any], path: str | Path) -> dict[str, Any]:
+def attack_from_run(name: str, attack: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """An attack entry from a run directory: its encoder and trigger, and the target its config names."""
     run = Path(attack["run"])
     cfg_file = run / "config.yaml"
@@ -81,7 +81,7 @@ def load_matrix(path: str | Path) -> dict[str, Any]:
     for name, a in list(m["attacks"].items()):
         a = dict(a or {})
         if a.get("run"):
-            a = _attack_from_run(name, a, path)
+            a = attack_from_run(name, a, path)
         missing = [k for k in ("encoder", "trigger", "target") if a.get(k) is None]
         if missing:
             raise EncoderGuardError(f"{path}: attack {name!r} lacks {', '.join(missing)}")

@@ -27,6 +27,7 @@ work through one output directory; ``--merge`` writes the report from the finish
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
 import time
@@ -36,9 +37,9 @@ from typing import Any
 
 from downstream.evaluate import EvalConfig, evaluate_encoder
 from encoder_guard.adapt import adapt_dataset
-from encoder_guard.compare import NONE, run_cell
+from encoder_guard.compare import NONE, attack_from_run, run_cell
 from encoder_guard.config import dump_config, load_config, load_yaml
-from encoder_guard.data import load_dataset
+from encoder_guard.data import ImageDataset, load_dataset
 from encoder_guard.encoders import Encoder, load_encoder
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import RunDir, get_logger, log_kept
@@ -125,10 +126,7 @@ def _planted(cfg: dict[str, Any], unit: Unit, out: Path) -> dict[str, Any]:
         run = Path(unit.run or "")
         if unit.name == CLEAN:
             return {"encoder": str(run / "encoder.safetensors"), "trigger": None, "target": None}
-        rcfg = load_yaml(run / "config.yaml")
-        target = rcfg["target"] if "target" in rcfg else (rcfg.get("poison") or {}).get("target")
-        return {"encoder": str(run / "encoder.safetensors"), "trigger": str(run / "trigger.safetensors"),
-                "target": target}
+        return attack_from_run(unit.name, {"run": str(run)}, "encoders")
     run = out / "encoders" / unit.name
     acfg = attack_config(unit.attack, load_config(cfg["attack"]["preset"], "attack", cfg["attack"].get("set") or []))
     if (run / "config.yaml").is_file():
@@ -145,11 +143,17 @@ def _planted(cfg: dict[str, Any], unit: Unit, out: Path) -> dict[str, Any]:
             "target": unit.attack.target}
 
 
+@functools.lru_cache(maxsize=4)
+def _domain_split(name: str, root: str | None, split: str) -> ImageDataset:
+    """One split of the other domain, decoded once per process (every cell of every unit reads it)."""
+    return load_dataset(name, split, root)
+
+
 def _other_domain(cfg: dict[str, Any], encoder: Encoder, trigger: Trigger | None) -> dict[str, Any]:
     """CA and (with a trigger) worst-class ASR of ``encoder`` on the other domain, linear and kNN."""
     od = cfg["other_domain"]
-    train, _ = adapt_dataset(load_dataset(od["dataset"], "train", od.get("root")), encoder.spec)
-    test, _ = adapt_dataset(load_dataset(od["dataset"], "test", od.get("root")), encoder.spec)
+    train, _ = adapt_dataset(_domain_split(od["dataset"], od.get("root"), "train"), encoder.spec)
+    test, _ = adapt_dataset(_domain_split(od["dataset"], od.get("root"), "test"), encoder.spec)
     m = evaluate_encoder(encoder, train, test, EvalConfig(seed=int(cfg["seed"])), trigger=trigger,
                          trigger_key=trigger.key() if trigger is not None else None)
     keys = ("ca_linear", "ca_knn", "worst_asr_linear", "worst_asr_knn", "worst_class_linear", "worst_class_knn")
@@ -271,8 +275,7 @@ def summarise(cfg: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, A
                 entry[f"floor_{k}"] = floor.get(f"asr_{k}")
                 entry[f"delta_ca_{k}"] = (row[f"ca_{k}"] - none[f"ca_{k}"]) if row.get(f"ca_{k}") is not None else None
                 entry[f"other_ca_{k}"] = od.get(f"ca_{k}")
-                entry[f"other_delta_ca_{k}"] = od[f"ca_{k}"] - next(
-                    x for x in r["rows"] if x["defense"] == NONE)["other_domain"][f"ca_{k}"]
+                entry[f"other_delta_ca_{k}"] = od[f"ca_{k}"] - none["other_domain"][f"ca_{k}"]
                 entry[f"other_worst_asr_{k}"] = od.get(f"worst_asr_{k}")
                 entry[f"other_floor_{k}"] = fod.get(f"worst_asr_{k}")
             checked = [k for k in ("linear", "knn") if entry[f"asr_{k}"] is not None and entry[f"floor_{k}"] is not None]

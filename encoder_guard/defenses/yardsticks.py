@@ -60,12 +60,17 @@ class FinetuneAll(Defense):
     def __init__(self, epochs: int = 10, lr: float = 0.01, head_lr_ratio: float = 10.0, weight_decay: float = 5e-4,
                  batch_size: int = 128, pad: int = 2, hflip_p: float = 0.0, seed: int = 0, device: str = "cpu") -> None:
         super().__init__(seed, device)
-        self.recipe = FinetuneConfig(epochs=epochs, lr=lr, head_lr_ratio=head_lr_ratio, weight_decay=weight_decay,
-                                     batch_size=batch_size, pad=pad, hflip_p=hflip_p)
         self.epochs, self.lr, self.head_lr_ratio, self.weight_decay = epochs, lr, head_lr_ratio, weight_decay
         self.batch_size, self.pad, self.hflip_p = batch_size, pad, hflip_p
+        self.recipe  # checks the values now rather than at the first step
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
         clean = _clean(data, "finetune-all")
         return finetune_classifier(clf, clean, self.recipe, self.seed, desc="finetune-all"), {}
+
+    @property
+    def recipe(self) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, head_lr_ratio=self.head_lr_ratio,
+                              weight_decay=self.weight_decay, batch_size=self.batch_size, pad=self.pad,
+                              hflip_p=self.hflip_p)
