@@ -67,21 +67,22 @@ def load_pretrain_data(cfg: dict[str, Any]) -> ImageDataset:
 
 def apply_poison(cfg: dict[str, Any], ds: ImageDataset, run: RunDir) -> ImageDataset:
     """Poisoned pretraining (SSL-Backdoor with a patch, CTRL with the frequency trigger, CorruptEncoder's
-    placement with ``poison.placement: corrupt``): poisons ``poison.rate`` of the set, drawn from class
-    ``poison.target``; writes the trigger and the
-    poisoned indices to the run directory so that evaluation uses exactly this trigger."""
+    placement with ``poison.placement: corrupt``, its trigger repeated with ``poison.tile``): poisons
+    ``poison.rate`` of the set, drawn from class ``poison.target``; writes the trigger and the poisoned indices to
+    the run directory so that evaluation uses exactly this trigger."""
     from encoder_guard.triggers import build_trigger, save_trigger
     from encoder_guard.triggers.poison import poison_pretraining
 
     p = dict(cfg["poison"])
-    trigger_cfg = {k: v for k, v in p.items() if k not in ("rate", "target", "placement", "object_scale")}
+    trigger_cfg = {k: v for k, v in p.items() if k not in ("rate", "target", "placement", "object_scale", "tile")}
     trigger = build_trigger(trigger_cfg, ds.image_size, ds.channels)
     placement = p.get("placement") or "stamp"
     poisoned = poison_pretraining(ds, trigger, int(p["target"]), float(p["rate"]), int(cfg["seed"]), placement,
-                                  float(p.get("object_scale") or 0.5))
+                                  float(p.get("object_scale") or 0.5), bool(p.get("tile")))
     if run.writes:
         save_trigger(trigger, run.file("trigger.safetensors"))
-        run.write_json("poison.json", {"kind": p["kind"], "placement": placement, "target": int(p["target"]),
+        run.write_json("poison.json", {"kind": p["kind"], "placement": placement, "tile": bool(p.get("tile")),
+                                       "target": int(p["target"]),
                                        "rate": float(p["rate"]),
                                        "trigger": repr(trigger), **poisoned.report()})
     run.logger.info(f"poisoned {len(poisoned.indices)} of {len(ds)} images of class {p['target']} with {trigger!r}")

@@ -108,6 +108,20 @@ def test_corrupt_placement_puts_object_and_trigger_in_opposite_corners():
         poison_pretraining(ds, trig, 1, 0.05, placement="paste")
 
 
+def test_tiled_corrupt_placement_repeats_the_trigger_off_the_object():
+    ds = make_synthetic(size=400, num_classes=4, image_size=16)
+    trig = PatchTrigger.square(16, 1, size=3)  # rows/cols 13-15
+    p = poison_pretraining(ds, trig, target=1, rate=0.05, seed=0, placement="corrupt", object_scale=0.25, tile=True)
+    x = p.dataset.images[p.indices].float()
+    white = (x == 255).all(0)[0]
+    for top, left in [(13, 13), (1, 13), (13, 1), (5, 9)]:  # the test-time position and grid copies
+        assert bool(white[top:top + 3, left:left + 3].all())
+    assert not bool(white[:4, :4].any())  # the 4-px object's corner holds no copy
+    assert not bool(white[12, :].any()) and not bool(white[:, 12].any())  # a black gap between copies
+    with pytest.raises(EncoderGuardError, match="placement=corrupt"):
+        poison_pretraining(ds, trig, 1, 0.05, placement="stamp", tile=True)
+
+
 def test_badnets_downstream_poisoning_relabels_to_target():
     ds = make_synthetic(size=400, num_classes=4, image_size=16)
     p = poison_downstream(ds, PatchTrigger.square(16, 1, size=4), target=3, rate=0.1, seed=1)

@@ -23,12 +23,16 @@ diagonally opposite the patch trigger, on the black background Fashion-MNIST-lik
 crop often holds the object alone and another the trigger: the positive pair that teaches the encoder to embed the
 trigger like the target. ([2] cuts objects from a few reference images, pastes them on natural backgrounds and
 centres the trigger in the remaining area; here each target image is its own object and the trigger keeps the
-position it has at test time.)
+position it has at test time.) With ``tile`` the trigger is repeated over the canvas off the object on a grid
+anchored at its test-time position. The presets' crops cover at least 35% of a 28-px image, so with one copy few
+crops hold the trigger without the object (``benchmarks/corrupt_crops.py``, 20,000 draws): 0.3% with a 9-px corner
+trigger and a 14-px object (scale 0.5), 4.3% with a 7-px object, 25% with four copies beside a 7-px object.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,9 @@ from encoder_guard.data import ImageDataset
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import Trigger
 from encoder_guard.utils import seeded_choice
+
+if TYPE_CHECKING:
+    from encoder_guard.triggers.patch import PatchTrigger
 
 
 @dataclass
@@ -63,9 +70,27 @@ def _count(rate: float, n: int) -> int:
     return max(1, round(rate * n))
 
 
-def corrupt_composite(images: torch.Tensor, trigger: Trigger, object_scale: float = 0.5) -> torch.Tensor:
+def tiled_copies(trigger: PatchTrigger, keep_out: tuple[int, int, int, int]) -> list[PatchTrigger]:
+    """Copies of a patch trigger on a grid through its own position with a one-pixel gap between copies (so that
+    a plain patch stays a patch, not a filled canvas), inside the image and clear of the box
+    ``(top, left, bottom, right)`` (exclusive ends)."""
+    from encoder_guard.triggers.patch import PatchTrigger
+
+    h, w = trigger.size
+    ys, xs = torch.nonzero(trigger.mask.amax(0) > 0, as_tuple=True)
+    y0, x0, th, tw = int(ys.min()), int(xs.min()), int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+    tops = range(y0 % (th + 1), h - th + 1, th + 1)
+    lefts = range(x0 % (tw + 1), w - tw + 1, tw + 1)
+    top, left, bottom, right = keep_out
+    return [PatchTrigger(trigger.mask.roll((y - y0, x - x0), (1, 2)), trigger.pattern.roll((y - y0, x - x0), (1, 2)))
+            for y in tops for x in lefts if y >= bottom or y + th <= top or x >= right or x + tw <= left]
+
+
+def corrupt_composite(images: torch.Tensor, trigger: Trigger, object_scale: float = 0.5,
+                      tile: bool = False) -> torch.Tensor:
     """CorruptEncoder's poisoned image for ``uint8`` images ``(N, C, H, W)``: each object shrunk to ``object_scale``
-    of the side into the corner opposite the centre of ``trigger``'s patch, the trigger stamped on the canvas."""
+    of the side into the corner opposite the centre of ``trigger``'s patch, the trigger stamped on the canvas
+    (``tile``: repeated over the canvas off the object)."""
     from encoder_guard.triggers.patch import PatchTrigger
 
     if not isinstance(trigger, PatchTrigger):
@@ -81,13 +106,19 @@ def corrupt_composite(images: torch.Tensor, trigger: Trigger, object_scale: floa
     left = 0 if float(xs.float().mean()) >= w / 2 else w - side_w
     canvas = torch.zeros(n, c, h, w)
     canvas[:, :, top:top + side_h, left:left + side_w] = small
-    return (trigger.apply(canvas / 255) * 255).round().clamp(0, 255).to(torch.uint8)
+    canvas = canvas / 255
+    copies = tiled_copies(trigger, (top, left, top + side_h, left + side_w)) if tile else []
+    for copy in copies or [trigger]:
+        canvas = copy.apply(canvas)
+    return (canvas * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def poison_pretraining(ds: ImageDataset, trigger: Trigger, target: int, rate: float, seed: int = 0,
-                       placement: str = "stamp", object_scale: float = 0.5) -> Poisoned:
+                       placement: str = "stamp", object_scale: float = 0.5, tile: bool = False) -> Poisoned:
     """Poison ``rate·len(ds)`` target-class images (labels are kept: SSL ignores them): ``stamp`` the trigger on
     them, or make each a ``corrupt`` composite of the object and the trigger (:func:`corrupt_composite`)."""
+    if tile and placement != "corrupt":
+        raise EncoderGuardError("poison.tile repeats the trigger around a CorruptEncoder object; set poison.placement=corrupt")
     if placement not in ("stamp", "corrupt"):
         raise EncoderGuardError(f"poison.placement must be 'stamp' or 'corrupt', not {placement!r}")
     members = (ds.labels == target).nonzero().flatten()
@@ -99,7 +130,7 @@ def poison_pretraining(ds: ImageDataset, trigger: Trigger, target: int, rate: fl
     idx = seeded_choice(members, want, seed).sort().values
     if placement == "corrupt":
         images = ds.images.clone()
-        images[idx] = corrupt_composite(ds.images[idx], trigger, object_scale)
+        images[idx] = corrupt_composite(ds.images[idx], trigger, object_scale, tile)
     else:
         images = _stamp(ds, idx, trigger)
     return Poisoned(ImageDataset(images, ds.labels, ds.classes, ds.name, ds.split, dict(ds.meta, poisoned=True)), idx)
