@@ -8,7 +8,8 @@
 4. compare defenses under both threat models (the BadEncoder encoder under a clean probe; the clean encoder
    under a probe trained on a 5% BadNets-poisoned set) with ``encoder-guard compare``, one seed: MIMIC (its
    preset, against the backdoored encoder only), Purifier+ and its ablation without importance rating at the
-   encoder, PAD-FT, D3 and TAC at the classifier, linear probe and kNN for every defense that returns an encoder.
+   encoder, PAD-FT, D3-tail (the project's D3 variant) and TAC at the classifier, linear probe and kNN for every
+   defense that returns an encoder.
 
 Each stage is skipped when its results are already in the run directory, and an interrupted stage resumes,
 so running the demo again continues where it stopped.
@@ -30,7 +31,7 @@ DEFENSES: dict[str, dict[str, Any]] = {
     "purifier-plus-no-rating": {},
     "purifier-plus": {},
     "pad-ft": {},  # classifier-level from here on
-    "d3": {},
+    "d3-tail": {},
     "tac": {},
 }
 

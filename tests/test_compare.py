@@ -34,7 +34,7 @@ def matrix_file(tmp_path_factory):
         "attacks": {"badnets": {"encoder": str(enc), "trigger": str(trig), "target": 0, "poison_rate": 0.1}},
         "defenses": {
             "none": None,
-            "d3": {"steps": 5, "layers": "head"},
+            "d3-tail": {"steps": 5, "layers": "head"},
             "pad-ft": {"score_epochs": 3, "epochs": 2},
             "tac": {"epochs": 1, "not_applicable": {"badnets": REASON}},
             "clp": {"seeds": [0], "only": ["badnets"]},
@@ -47,8 +47,8 @@ def matrix_file(tmp_path_factory):
 
 def test_defense_config_merges_preset_matrix_and_attack(matrix_file):
     m = load_matrix(matrix_file)
-    method, cfg = defense_config(m, m["attacks"]["badnets"], "d3", 1)
-    assert method == "d3" and cfg["seed"] == 1
+    method, cfg = defense_config(m, m["attacks"]["badnets"], "d3-tail", 1)
+    assert method == "d3-tail" and cfg["seed"] == 1
     assert cfg["defense"] == {"steps": 5, "layers": "head"}  # what differs from the preset
     d3 = build_defense(method, cfg)
     assert d3.steps == 5 and d3.layers == "head" and d3.lr == 0.005 and d3.seed == 1
@@ -63,7 +63,7 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
     out = tmp_path / "cmp"
     assert main(["compare", str(matrix_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| badnets | d3 |" in printed
+    assert "| badnets | d3-tail |" in printed
     for f in ("report.md", "report.csv", "cells.json", "config.yaml", "log.txt"):
         assert (out / f).is_file(), f
     try:
@@ -74,7 +74,7 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
         pass
     done = sorted(out.glob("cells/*/*/seed*/metrics.json"))
     assert {p.relative_to(out / "cells").parts[:3] for p in done} >= {
-        ("badnets", d, f"seed{s}") for d in ("d3", "none", "pad-ft") for s in (0, 1)}
+        ("badnets", d, f"seed{s}") for d in ("d3-tail", "none", "pad-ft") for s in (0, 1)}
     cells = json.loads((out / "cells.json").read_text())["cells"]
     assert len(cells) == 9
     for c in cells:
@@ -99,7 +99,7 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
         if c["defense"] == "none":
             assert c["delta_ca"] == 0 and c["der"] == 0.5 and c["clean_images"] == 0
     pad = [c for c in cells if c["defense"] == "pad-ft"]
-    d3 = [c for c in cells if c["defense"] == "d3"]
+    d3 = [c for c in cells if c["defense"] == "d3-tail"]
     assert all(c["clean_images"] == 0 for c in pad) and all(c["clean_images"] > 0 for c in d3)
     assert [c["seed"] for c in cells if c["defense"] == "clp"] == [0]  # its own seeds
 
@@ -108,11 +108,11 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
     tac_row = next(line for line in md.splitlines() if line.startswith("| badnets | tac |"))
     assert "—" in tac_row and REASON in tac_row
     rows = {r["defense"]: r for r in csv.DictReader((out / "report.csv").open())}
-    assert list(rows) == ["none", "clp", "d3", "pad-ft", "tac"]  # the YAML dump sorted the keys
+    assert list(rows) == ["none", "clp", "d3-tail", "pad-ft", "tac"]  # the YAML dump sorted the keys
     assert rows["tac"]["ca_linear_mean"] == "" and REASON in rows["tac"]["note"]
-    assert float(rows["d3"]["ca_linear_mean"]) == pytest.approx(statistics.fmean(c["ca_linear"] for c in d3))
-    assert float(rows["d3"]["ca_linear_std"]) == pytest.approx(statistics.stdev(c["ca_linear"] for c in d3))
-    assert rows["d3"]["seeds"] == "2" and rows["d3"]["ca_knn_mean"] == "" and rows["clp"]["ca_knn_mean"] != ""
+    assert float(rows["d3-tail"]["ca_linear_mean"]) == pytest.approx(statistics.fmean(c["ca_linear"] for c in d3))
+    assert float(rows["d3-tail"]["ca_linear_std"]) == pytest.approx(statistics.stdev(c["ca_linear"] for c in d3))
+    assert rows["d3-tail"]["seeds"] == "2" and rows["d3-tail"]["ca_knn_mean"] == "" and rows["clp"]["ca_knn_mean"] != ""
 
     # a second run reuses every finished cell: nothing is set up, fitted or defended again
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "defense" in p.parts}
@@ -134,7 +134,7 @@ def test_compare_writes_the_report_and_never_recomputes_a_cell(matrix_file, tmp_
 def _d3_seed0(matrix_file) -> dict:
     m = load_matrix(matrix_file)
     m["seeds"] = [0]
-    m["defenses"] = {"d3": m["defenses"]["d3"]}
+    m["defenses"] = {"d3-tail": m["defenses"]["d3-tail"]}
     return m
 
 
@@ -143,7 +143,7 @@ def test_a_cell_with_a_finished_defense_report_is_not_defended_again(matrix_file
     m = _d3_seed0(matrix_file)
     out = tmp_path / "cmp"
     cells, _ = run_matrix(m, out)
-    cell = out / "cells" / "badnets" / "d3" / "seed0"
+    cell = out / "cells" / "badnets" / "d3-tail" / "seed0"
     (cell / "metrics.json").unlink()
     import encoder_guard.compare as compare_mod
 
@@ -157,17 +157,17 @@ def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix
     m = _d3_seed0(matrix_file)
     out = tmp_path / "cmp"
     first, _ = run_matrix(m, out)
-    cell = out / "cells" / "badnets" / "d3" / "seed0"
+    cell = out / "cells" / "badnets" / "d3-tail" / "seed0"
     none_metrics = (out / "cells" / "badnets" / "none" / "seed0" / "metrics.json").stat().st_mtime_ns
-    m["defenses"]["d3"] = {**m["defenses"]["d3"], "steps": 7}
+    m["defenses"]["d3-tail"] = {**m["defenses"]["d3-tail"], "steps": 7}
     again, _ = run_matrix(m, out)
     stale = cell.with_name("seed0.stale-1")
-    old = next(c for c in first if c["defense"] == "d3")
+    old = next(c for c in first if c["defense"] == "d3-tail")
     assert json.loads((stale / "metrics.json").read_text())["ca_linear"] == old["ca_linear"]
     assert json.loads((cell / "defense" / "report.json").read_text())["hparams"]["steps"] == 7
     log = (out / "log.txt").read_text()
-    assert "moved to seed0.stale-1" in log and "d3 × seed 0 (running)" in log.split("report →")[1]
-    d3 = next(c for c in again if c["defense"] == "d3")
+    assert "moved to seed0.stale-1" in log and "d3-tail × seed 0 (running)" in log.split("report →")[1]
+    d3 = next(c for c in again if c["defense"] == "d3-tail")
     assert d3["settings_digest"] != old["settings_digest"]
     assert (out / "cells" / "badnets" / "none" / "seed0" / "metrics.json").stat().st_mtime_ns == none_metrics
     m["train"] = {"threads": 2}  # how a cell runs is not what it runs: nothing is recomputed
@@ -180,7 +180,7 @@ def test_a_cell_whose_settings_changed_is_recomputed_and_the_old_one_kept(matrix
     (lambda m: m["attacks"]["badnets"].pop("target"), "lacks target"),
     (lambda m: m["attacks"]["badnets"].update(encoder="/no/such.safetensors"), "no encoder at"),
     (lambda m: m["defenses"].update(nope={}), "unknown defense 'nope'"),
-    (lambda m: m["defenses"]["d3"].update(only=["badnet"]), "names attacks the matrix lacks: badnet"),
+    (lambda m: m["defenses"]["d3-tail"].update(only=["badnet"]), "names attacks the matrix lacks: badnet"),
     (lambda m: m["attacks"].update(run={"run": "/no/such/run"}), "is not a run directory"),
 ])
 def test_load_matrix_refuses_a_broken_matrix(matrix_file, tmp_path, edit, message):
@@ -215,17 +215,17 @@ def _cells():
     return [
         cell("a", "none", 0, 0.90, 0.80, (0.85, 0.90), delta_ca=0.0, der=0.5, clean_images=0, wall_seconds=0.0),
         cell("a", "none", 1, 0.80, 0.60, (0.75, 0.70), delta_ca=0.0, der=0.5, clean_images=0, wall_seconds=0.0),
-        cell("a", "d3", 0, 0.85, 0.10, delta_ca=-0.05, der=0.825, clean_images=30, wall_seconds=10.0),
-        cell("a", "d3", 1, 0.82, 0.20, delta_ca=0.02, der=0.7, clean_images=30, wall_seconds=14.0),
+        cell("a", "d3-tail", 0, 0.85, 0.10, delta_ca=-0.05, der=0.825, clean_images=30, wall_seconds=10.0),
+        cell("a", "d3-tail", 1, 0.82, 0.20, delta_ca=0.02, der=0.7, clean_images=30, wall_seconds=14.0),
         {"attack": "a", "defense": "mimic", "seed": 0, "note": "not applicable: no data"},
-        cell("b", "d3", 0, 0.70, None, delta_ca=0.0, clean_images=30, wall_seconds=3.0),
+        cell("b", "d3-tail", 0, 0.70, None, delta_ca=0.0, clean_images=30, wall_seconds=3.0),
     ]
 
 
 def test_aggregate_gives_mean_and_std_over_seeds():
     rows = aggregate(_cells())
     assert [(r["attack"], r["defense"], r["seeds"]) for r in rows] == [
-        ("a", "none", 2), ("a", "d3", 2), ("a", "mimic", 1), ("b", "d3", 1)]
+        ("a", "none", 2), ("a", "d3-tail", 2), ("a", "mimic", 1), ("b", "d3-tail", 1)]
     none, d3, mimic, single = rows
     assert none["ca_linear"] == pytest.approx((0.85, statistics.stdev([0.9, 0.8])))
     assert none["asr_knn"] == pytest.approx((0.8, statistics.stdev([0.9, 0.7])))
@@ -259,7 +259,7 @@ def test_markdown_and_csv_show_numbers_and_reasons(tmp_path):
     assert mimic[:3] == ["a", "mimic", "1"] and mimic[3:-1] == [""] * (len(mimic) - 4)
     assert mimic[-1] == "not applicable: no data"
     assert float(rows_csv[2][3]) == pytest.approx(0.835)
-    shared = aggregate([dict(c, share_of_pretraining=0.25) for c in _cells() if c["defense"] == "d3"])
+    shared = aggregate([dict(c, share_of_pretraining=0.25) for c in _cells() if c["defense"] == "d3-tail"])
     assert "share of pretraining" in markdown(shared).splitlines()[0] and "25.0%" in markdown(shared)
 
 

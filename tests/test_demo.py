@@ -79,7 +79,7 @@ def test_run_demo_goes_through_its_five_stages_and_writes_its_tables(tmp_path, m
     assert run_demo(tmp_path / "demo", epochs=2) == 0
     printed = capsys.readouterr().out
     assert "clean SimCLR (2 epochs)" in printed and "raw pixels" in printed
-    for defense in ("mimic", "purifier-plus-no-rating", "purifier-plus", "pad-ft", "d3", "tac"):
+    for defense in ("mimic", "purifier-plus-no-rating", "purifier-plus", "pad-ft", "d3-tail", "tac"):
         assert f"| {defense} " in printed
     assert (tmp_path / "demo" / "summary.md").read_text().strip() == printed.strip()
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())

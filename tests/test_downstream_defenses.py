@@ -15,6 +15,7 @@ from encoder_guard.data import make_synthetic, take_subset
 from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
+from encoder_guard.defenses.d3_tail import D3Tail
 from encoder_guard.defenses.padft import (
     PADFT,
     cluster_suspects,
@@ -54,7 +55,7 @@ def clf(encoder, poisoned) -> Classifier:
 
 
 def test_classifier_defenses_are_registered_at_classifier_level():
-    for name in ("d3", "pad-ft", "tac", "purifier"):
+    for name in ("d3", "d3-tail", "pad-ft", "tac", "purifier"):
         assert name in DEFENSES.names() and defense_level(name) == "classifier"
     assert defense_level("mimic") == "encoder"
 
@@ -62,11 +63,37 @@ def test_classifier_defenses_are_registered_at_classifier_level():
 # ---------------------------------------------------------------------------------------------- D3
 
 
+def test_d3_trains_every_weight_and_rotates_the_last_layer_on_its_sphere(clf, poisoned, tmp_path):
+    p, clean = poisoned
+    data = DownstreamData(p.dataset, clean, p.indices)
+    original = copy.deepcopy(clf.state_dict())
+    result = D3(epochs=2, batch_size=16)(clf, data, tmp_path / "a")
+    out, report = result.model, result.report
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, original[k]), f"D3 changed the input classifier: {k}"
+    w0, w = clf.head.linear.weight.detach(), out.head.linear.weight.detach()
+    assert float(w.norm()) == pytest.approx(float(w0.norm()), rel=1e-4)  # projected back onto ‖W⁰‖
+    assert report["relative_weight_distance"] == pytest.approx(float((w - w0).norm() / w0.norm()), rel=1e-4)
+    assert report["relative_weight_distance"] > 0.5  # restarted at random, pushed away
+    assert not torch.equal(out.encoder.backbone.conv1.weight, clf.encoder.backbone.conv1.weight)  # the whole model
+    assert len(report["history"]) == 2 and report["hparams"]["penalty"] == 0.5 and report["hparams"]["epsilon"] == 0.1
+    assert not any(p_.requires_grad for p_ in out.parameters())
+    frozen_stats = D3(epochs=1, batch_size=16, init="near", bn_train=False)(clf, data, tmp_path / "b").model
+    for k, v in frozen_stats.encoder.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, clf.encoder.state_dict()[k]), k
+    with pytest.raises(EncoderGuardError, match="clean labelled set"):
+        D3(epochs=1)(clf, DownstreamData(p.dataset, None), tmp_path / "c")
+    with pytest.raises(ValueError, match="init must be"):
+        D3(init="zeros")
+
+
+
 @pytest.mark.parametrize("layers", ["head", "layer3"])
-def test_d3_moves_the_weights_keeps_their_norms_and_reports(clf, poisoned, layers, tmp_path):
+def test_d3_tail_moves_the_weights_keeps_their_norms_and_reports(clf, poisoned, layers, tmp_path):
     p, clean = poisoned
     original = copy.deepcopy(clf.state_dict())
-    result = D3(layers=layers, steps=15, lr=0.01)(clf, DownstreamData(p.dataset, clean, p.indices), tmp_path)
+    result = D3Tail(layers=layers, steps=15, lr=0.01)(clf, DownstreamData(p.dataset, clean, p.indices), tmp_path)
     out, report = result.model, result.report
     assert isinstance(out, Classifier) and out is not clf
     for k, v in clf.state_dict().items():
@@ -92,14 +119,14 @@ def test_d3_moves_the_weights_keeps_their_norms_and_reports(clf, poisoned, layer
     assert not any(p_.requires_grad for p_ in out.parameters())
 
 
-def test_d3_needs_clean_labelled_data(clf, poisoned, tmp_path):
+def test_d3_tail_needs_clean_labelled_data(clf, poisoned, tmp_path):
     p, clean = poisoned
     with pytest.raises(EncoderGuardError, match="clean labelled set"):
-        D3(steps=2)(clf, DownstreamData(p.dataset, None), tmp_path)
+        D3Tail(steps=2)(clf, DownstreamData(p.dataset, None), tmp_path)
     with pytest.raises(EncoderGuardError, match="clean labelled set"):
-        D3(steps=2)(clf, DownstreamData(p.dataset, clean.subset(torch.tensor([], dtype=torch.long))), tmp_path)
+        D3Tail(steps=2)(clf, DownstreamData(p.dataset, clean.subset(torch.tensor([], dtype=torch.long))), tmp_path)
     with pytest.raises(ValueError):
-        D3(steps=0)
+        D3Tail(steps=0)
 
 
 # ------------------------------------------------------------------------------------------ PAD-FT
@@ -406,7 +433,7 @@ def _sets(trigger_file, *extra):
     return sum((["--set", s] for s in base), [])
 
 
-FAST = {"d3": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"],
+FAST = {"d3-tail": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"],
         "purifier": ["defense.head_epochs=1", "defense.epochs=1"]}
 
 
@@ -440,8 +467,8 @@ def test_cli_defend_writes_a_classifier_and_before_after_metrics(name, files, tm
 
 
 def test_run_defense_for_a_classifier_defense_without_a_trigger_reports_ca_only(encoder, tmp_path):
-    cfg = defend_config("d3", sets=["downstream.dataset=synthetic", "defense.steps=5", "defense.layers=head"])
-    report = run_defense("d3", cfg, encoder, tmp_path / "run")
+    cfg = defend_config("d3-tail", sets=["downstream.dataset=synthetic", "defense.steps=5", "defense.layers=head"])
+    report = run_defense("d3-tail", cfg, encoder, tmp_path / "run")
     assert "asr" not in report["before"] and "asr" not in report["after"] and "der" not in report
     assert report["delta_ca"] == pytest.approx(report["after"]["ca"] - report["before"]["ca"])
     assert load_classifier(tmp_path / "run").num_classes == 4
@@ -450,7 +477,7 @@ def test_run_defense_for_a_classifier_defense_without_a_trigger_reports_ca_only(
 def test_an_interrupted_classifier_defense_can_be_run_again(encoder, tmp_path, monkeypatch):
     import encoder_guard.runs as runs
 
-    cfg = defend_config("d3", sets=["downstream.dataset=synthetic", "defense.steps=3", "defense.layers=head"])
+    cfg = defend_config("d3-tail", sets=["downstream.dataset=synthetic", "defense.steps=3", "defense.layers=head"])
     real = runs.RunDir.write_json
 
     def interrupted(self, name, data):
@@ -460,11 +487,11 @@ def test_an_interrupted_classifier_defense_can_be_run_again(encoder, tmp_path, m
 
     monkeypatch.setattr(runs.RunDir, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_defense("d3", cfg, encoder, tmp_path / "run")
+        run_defense("d3-tail", cfg, encoder, tmp_path / "run")
     monkeypatch.setattr(runs.RunDir, "write_json", real)
     assert (tmp_path / "run" / "encoder.safetensors").exists() and not (tmp_path / "run" / "report.json").exists()
     try:
-        report = run_defense("d3", cfg, encoder, tmp_path / "run")
+        report = run_defense("d3-tail", cfg, encoder, tmp_path / "run")
     except EncoderGuardError:
-        report = run_defense("d3", cfg, encoder, tmp_path / "run", resume=True)
+        report = run_defense("d3-tail", cfg, encoder, tmp_path / "run", resume=True)
     assert (tmp_path / "run" / "report.json").is_file() and "after" in report

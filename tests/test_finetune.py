@@ -98,3 +98,19 @@ def test_finetune_rejects_a_bad_recipe():
     with pytest.raises(EncoderGuardError, match="fine-tuning needs"):
         FinetuneConfig(epochs=0)
     assert finetune_classifier  # the public entry point the yardstick uses
+
+
+def test_detect_reads_the_finetuned_victims_own_features(encoder, tmp_path):
+    from downstream.features import cached_features
+    from encoder_guard.defenses.tac import detect, run_detection
+    from encoder_guard.threats import downstream_setup
+
+    cfg = {"seed": 0, "downstream": {"dataset": "synthetic", "victim": "finetune", "clean_fraction": 0.05,
+                                     "finetune": {"epochs": 1, "batch_size": 64}}}
+    result = run_detection(encoder, cfg, tmp_path / "det")
+    ds = downstream_setup(cfg, encoder, 0)
+    clf = deployed_classifier(cfg, encoder, ds, 0)
+    found, _ = detect(clf, cached_features(clf.encoder, ds.data.clean))
+    assert result["norms"] == pytest.approx(found.as_dict()["norms"])
+    stale, _ = detect(clf, cached_features(encoder, ds.data.clean))  # the encoder before fine-tuning
+    assert stale.as_dict()["norms"] != pytest.approx(result["norms"])

@@ -4,6 +4,7 @@ from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
     anp,
     clp,
     d3,
+    d3_tail,
     fine_pruning,
     mimic,
     padft,

@@ -1,122 +1,127 @@
-"""D3: distance-driven detoxification of a downstream classifier.
+"""D3: distance-driven detoxification of a downstream classifier, as its official code runs it.
 
 - [0] Backdoor Mitigation by Distance-Driven Detoxification, Shaokui Wei, Jiayin Liu and Hongyuan Zha, ICCV 2025,
-  arXiv 2411.09585
+  arXiv 2411.09585 (official code: github.com/shawkui/Distance_Driven_Detoxification)
 
-A backdoor lives in weight directions that clean data does not constrain: the clean task only pins
-down the weights' projection on what clean inputs exercise. D3 therefore pushes the chosen weights as
-far as it can from their (possibly poisoned) values while holding the clean loss of every clean sample
-under a bound ε:
+Plain fine-tuning on clean data stays near the poisoned weights, in a region where the clean loss and the
+backdoor's are both low. D3 instead moves the classifier's last layer as far as it can from its deployed value
+``W⁰`` while every clean sample keeps its loss under ``ε``:
 
-    minimise  λ · mean_i ReLU(CE_i − ε)  −  ‖W − W⁰‖₂,     then rescale each weight tensor to ‖W⁰‖,
+    minimise  λ · mean_i max(0, CE_i − ε)  −  ‖W − W⁰‖₂     (divided by λ + 1 when λ > 1),
 
-so the weights rotate rather than grow (growth would be a cheap way to move far without changing the
-function). λ rises by dual ascent while the mean clean loss exceeds ε. A recovery phase of plain
-clean-loss descent from the far point follows (``recover_steps``, 600; norms still fixed): it settles the
-rotated weights back onto the clean task without pulling them toward W⁰ (the relative distance stays where
-the first phase left it). Under BadNets poisoning 600 steps cost less CA than 200 at the same ASR, and take
-BadNets' 3×3 patch under 2% where 200 do not; under a backdoored
-encoder, a shorter recovery leaves a lower ASR only by leaving the classifier unrecovered. Labels of a
-small clean set (5% by default) are what it needs; nothing about the trigger.
+by SGD over **all** of the model's weights, with the last layer re-initialised at the start (uniform in
+[−0.5, 0.5], rescaled to ``‖W⁰‖``) and projected back onto the sphere of radius ``‖W⁰‖`` after every step, so
+that it rotates away instead of growing. Settings of the official code: λ 0.5, ε 0.1, 100 epochs of batches of
+256 from 5% clean labelled data, SGD at 0.01 with momentum 0.9 and no weight decay, the rate annealed by a
+cosine over the epochs, BatchNorm in training mode, random crops of the image padded by 4 pixels (and
+horizontal flips on CIFAR-10 only). The layer's bias is neither in the distance nor projected.
 
-The preset departs from [0] (``docs/methods.md``): it trains the tail from the deployed weights rather than
-the whole model with a re-initialised last layer, bounds the batch-mean loss, raises λ by dual ascent, sets ε
-from the starting loss and adds the recovery phase.
-
-Weights: ``layers = head`` changes only the linear head (the classifier's last layer); a tap name
-(e.g. ``layer3``) also changes every stage after it. ε is ``epsilon`` if given, else
-``epsilon_scale`` × the classifier's mean clean loss before the defense.
+``d3-tail`` (:mod:`encoder_guard.defenses.d3_tail`) is this project's faster variant on cached activations.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import trange
 
 from downstream.classifier import Classifier
+from downstream.finetune import light_augment
 from encoder_guard.defenses.base import DEFENSES, Defense
-from encoder_guard.defenses.tail import Tail
-from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
+from encoder_guard.training import Step, TrainLoop
+
+INITS = ("random", "near", "far")
 
 
 @DEFENSES.register("d3")
 class D3(Defense):
     """Args:
-        layers: ``head`` or the tap after which every stage (and the head) is detoxified.
-        epsilon: the per-sample clean-loss bound (``None``: ``epsilon_scale`` × initial mean clean loss).
-        epsilon_scale: see ``epsilon``.
-        penalty: λ, the weight of the clean-loss violation.
-        steps / lr / batch_size: Adam on the objective above, minibatches of the clean set.
-        per_sample: bound every sample's loss (hinge per sample) instead of the mean.
-        dual_lr: step of the dual ascent that raises λ while the mean clean loss exceeds ε.
-        recover_steps: clean-loss steps after the distance phase (0: none).
+        epochs / batch_size / lr / momentum / weight_decay: SGD over every weight, cosine over the epochs.
+        penalty: λ, the weight of the clean-loss hinge (constant).
+        epsilon: ε, the per-sample clean-loss bound.
+        init: the last layer's start: ``random`` (uniform, rescaled to ``‖W⁰‖``; the official default),
+            ``near`` (``W⁰`` itself) or ``far`` (``−W⁰``).
+        bn_train: BatchNorm in training mode (its statistics follow the clean batches), as in the official code.
+        pad / hflip_p: the views: a random crop of the image zero-padded by ``pad`` pixels, a horizontal flip
+            with probability ``hflip_p``.
     """
 
     level = "classifier"
     needs = "5% clean labelled images of the downstream training set"
 
-    def __init__(self, layers: str = "layer3", epsilon: float | None = None, epsilon_scale: float = 1.0,
-                 penalty: float = 1.0, steps: int = 500, lr: float = 0.005, batch_size: int = 256, per_sample: bool = False,
-                 dual_lr: float = 10.0, recover_steps: int = 600, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 0.0, penalty: float = 0.5, epsilon: float = 0.1, init: str = "random",
+                 bn_train: bool = True, pad: int = 4, hflip_p: float = 0.0, seed: int = 0, device: str = "cpu") -> None:
         super().__init__(seed, device)
-        if penalty <= 0 or steps < 1 or lr <= 0:
-            raise ValueError("penalty, steps and lr must be positive")
-        self.layers, self.epsilon, self.epsilon_scale, self.penalty = layers, epsilon, epsilon_scale, penalty
-        self.steps, self.lr, self.batch_size = steps, lr, batch_size
-        self.per_sample, self.dual_lr, self.recover_steps = per_sample, dual_lr, recover_steps
+        if epochs < 1 or batch_size < 1 or lr <= 0 or penalty <= 0 or epsilon < 0:
+            raise ValueError("epochs, batch_size, lr and penalty must be positive and epsilon non-negative")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, not {init!r}")
+        self.epochs, self.batch_size, self.lr, self.momentum = epochs, batch_size, lr, momentum
+        self.weight_decay, self.penalty, self.epsilon, self.init = weight_decay, penalty, epsilon, init
+        self.bn_train, self.pad, self.hflip_p = bn_train, pad, hflip_p
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
+        clean = data.clean
+        if clean is None or len(clean) == 0:
             raise EncoderGuardError("D3 needs a small clean labelled set; set downstream.clean_fraction (default 0.05)")
-        tail = Tail(clf, self.layers)
-        h, y = tail.inputs(data.clean.images), data.clean.labels.long()
-        tail.freeze_rest()
-        weights = list(tail.parameters(weights_only=True))
-        initial = [w.detach().clone() for w in weights]
-        norms = [w.norm() for w in initial]
-        total_norm = torch.sqrt(_total(w0.pow(2).sum() for w0 in initial))
-        penalty = self.penalty
-        with torch.no_grad():
-            loss0 = float(F.cross_entropy(tail.logits(h), y))
-        eps = self.epsilon if self.epsilon is not None else self.epsilon_scale * loss0
-        opt = torch.optim.Adam(list(tail.parameters()), lr=self.lr)
-        g = torch.Generator().manual_seed(self.seed)
-        bar = trange(self.steps + self.recover_steps, desc="D3", unit="step", mininterval=1.0, leave=False)
-        for step in bar:
-            idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
-            ce = F.cross_entropy(tail.logits(h[idx]), y[idx], reduction="none")
-            if step < self.steps:  # distance phase: move away while the clean loss stays under ε
-                dist = torch.sqrt(_total((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)) + 1e-12) / total_norm
-                violation = F.relu(ce - eps).mean() if self.per_sample else F.relu(ce.mean() - eps)
-                loss = penalty * violation - dist
-                penalty = max(0.0, penalty + self.dual_lr * float(ce.detach().mean() - eps))  # dual ascent on λ
-            else:  # recovery phase: clean-loss descent from the far point
-                loss = ce.mean()
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError("D3's objective became NaN/inf; lower d3 lr (defense.lr)")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():  # rotate, never grow: every weight tensor back to its original norm
-                for w, n in zip(weights, norms):
-                    w.mul_(n / w.norm().clamp_min(1e-12))
-            bar.set_postfix(ce=f"{ce.mean().item():.3f}", refresh=False)
-        with torch.no_grad():
-            loss1 = float(F.cross_entropy(tail.logits(h), y))
-            rel = float(torch.sqrt(_total((w - w0).pow(2).sum() for w, w0 in zip(weights, initial)))
-                        / torch.sqrt(_total(w0.pow(2).sum() for w0 in initial)))
-        report = {"epsilon": eps, "clean_loss_before": loss0, "clean_loss_after": loss1,
-                  "relative_weight_distance": rel, "weights": sum(w.numel() for w in weights)}
-        return clf, report
+        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
+            with tempfile.TemporaryDirectory() as tmp:
+                return self.defend(clf, data, Path(tmp), False)
+        weight = clf.head.linear.weight
+        initial = weight.detach().clone()
+        radius = initial.norm()
+        if not resume or not (out / "checkpoints" / "d3.pt").exists():
+            self._start(weight, initial, radius)
+        for p in clf.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(clf.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        batch = min(self.batch_size, len(clean))
+        per_epoch = max(1, len(clean) // batch)
+        labels = clean.labels.long()
 
+        def step(rows: Tensor, at: Step) -> tuple[Tensor, dict[str, float]]:
+            clf.train(self.bn_train)
+            x = light_augment(clean.images[rows].float().div(255), self.pad, self.hflip_p, at.generator)
+            ce = F.cross_entropy(clf(x), labels[rows], reduction="none")
+            hinge = F.relu(ce - self.epsilon).mean()
+            distance = (weight - initial).norm()
+            loss = self.penalty * hinge - distance
+            if self.penalty > 1:
+                loss = loss / (self.penalty + 1)
+            return loss, {"ce": float(ce.detach().mean()), "distance": float(distance.detach() / radius)}
 
-def _total(terms: Iterable[Tensor]) -> Tensor:
-    """``sum(terms)`` (Python's, left to right from 0), typed as the tensor it is."""
-    return cast(Tensor, sum(terms))
+        def project(_step: int, _total: int) -> None:
+            with torch.no_grad():
+                weight.mul_(radius / weight.norm().clamp_min(1e-12))
+
+        def cosine_by_epoch(s: int) -> float:
+            return self.lr * 0.5 * (1 + float(torch.cos(torch.tensor(torch.pi * (s // per_epoch) / self.epochs))))
+
+        loop = TrainLoop(clf, opt, epochs=self.epochs, batch_size=batch, seed=self.seed,
+                         checkpoint=out / "checkpoints" / "d3.pt", checkpoint_every=10, lr=cosine_by_epoch,
+                         on_step_end=project, desc="D3", advice="lower D3's learning rate (defense.lr)")
+        history = loop.run(step, len(clean), resume=resume)
+        clf.eval()
+        for p in clf.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            moved = float((weight - initial).norm() / radius)
+        return clf, {"history": history, "relative_weight_distance": moved}
+
+    def _start(self, weight: Tensor, initial: Tensor, radius: Tensor) -> None:
+        """The last layer's starting point (``init``), on the sphere of radius ``‖W⁰‖``."""
+        with torch.no_grad():
+            if self.init == "random":
+                g = torch.Generator().manual_seed(self.seed)
+                weight.copy_(torch.rand(weight.shape, generator=g) - 0.5)
+            elif self.init == "far":
+                weight.copy_(-initial)
+            weight.mul_(radius / weight.norm().clamp_min(1e-12))

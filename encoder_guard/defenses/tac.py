@@ -193,7 +193,7 @@ def run_detection(encoder: Encoder, cfg: dict[str, Any], out: str | Path) -> dic
     ds = downstream_setup(cfg, encoder, seed)
     assert ds.data.clean is not None
     clf = deployed_classifier(cfg, encoder, ds, seed)
-    found, _ = detect(clf, cached_features(encoder, ds.data.clean), float(d.get("margin", 0.0)),
+    found, _ = detect(clf, cached_features(clf.encoder, ds.data.clean), float(d.get("margin", 0.0)),
                       float(d.get("alpha", 0.05)))
     result = {"encoder": d.get("encoder"), "head": (cfg.get("downstream") or {}).get("head"),
               "reference_images": len(ds.data.clean), **found.as_dict()}
