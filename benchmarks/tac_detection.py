@@ -38,7 +38,7 @@ def one(encoder, trigger: str, target: int, rate: float, seed: int, alpha: float
     ds = downstream_setup(cfg, encoder, seed)
     clf = deployed_classifier(cfg, encoder, ds, seed)
     found, _ = detect(clf, cached_features(clf.encoder, ds.data.clean), alpha=alpha)
-    return {"seed": seed, "target": target, "rate": rate, "asr": ds.evaluate(clf)["asr"], **found.as_dict()}
+    return {**found.as_dict(), "seed": seed, "true_target": target, "rate": rate, "asr": ds.evaluate(clf)["asr"]}
 
 
 def main() -> None:
@@ -65,23 +65,30 @@ def main() -> None:
         if bad is not None:
             rows.setdefault("badencoder", []).append(one(bad, args.trigger[0], args.bad_target, 0.0, s, args.alpha))
         print(s, {k: (v[-1]["candidate"], round(v[-1]["p_value"], 4)) for k, v in rows.items()}, flush=True)
-    classifier = "linear probe" if args.victim == "probe" else "probe then end-to-end fine-tune"
-    lines = [f"TAC target test, alpha = {args.alpha}, {args.seeds} seeds (Fashion-MNIST, 5% clean references; "
+    write(rows, vars(args))
+
+
+def write(rows: dict[str, list[dict]], args: dict) -> None:
+    """The summary table (and the rows) into benchmarks/results/."""
+    classifier = "linear probe" if args["victim"] == "probe" else "probe then end-to-end fine-tune"
+    lines = [f"TAC target test, alpha = {args['alpha']}, {args['seeds']} seeds (Fashion-MNIST, 5% clean references; "
              f"the classifier: {classifier}).", "",
-             "| setting | backdoor in | flagged | flagged with the true target | mean ASR | median p |",
-             "|---|---|---|---|---|---|"]
+             "| setting | backdoor in | flagged | flagged with the true target | smallest shift at the true target "
+             "| mean ASR | median p |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for name, rs in rows.items():
         flagged = sum(r["flagged"] for r in rs)
-        right = sum(r["flagged"] and r["candidate"] == r["target"] for r in rs)
+        named = sum(r["candidate"] == r["true_target"] for r in rs)
+        right = sum(r["flagged"] and r["candidate"] == r["true_target"] for r in rs)
         where = {"clean": "nowhere", "badencoder": "encoder"}.get(name, "classifier")
         ps = sorted(r["p_value"] for r in rs)
-        summary[name] = {"flagged": flagged, "correct": right, "n": len(rs)}
-        lines.append(f"| {name} | {where} | {flagged}/{len(rs)} | {right if name != 'clean' else '—'}/{len(rs)} | "
-                     f"{100 * sum(r['asr'] for r in rs) / len(rs):.1f}% | {ps[len(ps) // 2]:.3g} |")
-    name = "tac_detection" if args.victim == "probe" else f"tac_detection_{args.victim}"
-    write_result(name, {"args": vars(args), "summary": summary, "rows": rows}, lines)
-
+        summary[name] = {"flagged": flagged, "correct": right, "named": named, "n": len(rs)}
+        dash = name == "clean"
+        lines.append(f"| {name} | {where} | {flagged}/{len(rs)} | {'—' if dash else right}/{len(rs)} | "
+                     f"{'—' if dash else named}/{len(rs)} | {100 * sum(r['asr'] for r in rs) / len(rs):.1f}% | "
+                     f"{ps[len(ps) // 2]:.3g} |")
+    name = "tac_detection" if args["victim"] == "probe" else f"tac_detection_{args['victim']}"
+    write_result(name, {"args": args, "summary": summary, "rows": rows}, lines)
 
 if __name__ == "__main__":
     main()
