@@ -51,10 +51,8 @@ def main() -> None:
     for object_scale, tile in PLACEMENTS:
         obj = round(object_scale * side)  # the object sits in the top-left corner, away from the square
         copies = tiled_copies(trigger, (0, 0, obj, obj)) if tile else [trigger]
-        areas = []
-        for c in copies:
-            ys, xs = torch.nonzero(c.mask[0] > 0, as_tuple=True)
-            areas.append((int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1))
+        boxes_of_copies = [c.params()["box"] for c in copies]  # (top, left, bottom, right), inclusive
+        areas = [(t, b + 1, left, r + 1) for t, left, b, r in boxes_of_copies]
         alone = sum(_share(b, (0, obj, 0, obj)) < 0.1 and any(_share(b, a) > 0.9 for a in areas) for b in boxes)
         rows.append({"object_scale": object_scale, "object_px": obj, "tile": tile, "copies": len(copies),
                      "trigger_only": alone / len(boxes)})

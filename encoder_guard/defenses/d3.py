@@ -34,7 +34,7 @@ from downstream.finetune import light_augment
 from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
-from encoder_guard.training import Step, TrainLoop
+from encoder_guard.training import Step, TrainLoop, cosine_lr
 
 INITS = ("random", "near", "far")
 
@@ -102,8 +102,8 @@ class D3(Defense):
             with torch.no_grad():
                 weight.mul_(radius / weight.norm().clamp_min(1e-12))
 
-        def cosine_by_epoch(s: int) -> float:
-            return self.lr * 0.5 * (1 + float(torch.cos(torch.tensor(torch.pi * (s // per_epoch) / self.epochs))))
+        def cosine_by_epoch(s: int) -> float:  # the official code steps its cosine once per epoch
+            return cosine_lr(s // per_epoch, self.epochs, self.lr)
 
         loop = TrainLoop(clf, opt, epochs=self.epochs, batch_size=batch, seed=self.seed,
                          checkpoint=out / "checkpoints" / "d3.pt", checkpoint_every=10, lr=cosine_by_epoch,

@@ -77,8 +77,8 @@ def tiled_copies(trigger: PatchTrigger, keep_out: tuple[int, int, int, int]) -> 
     from encoder_guard.triggers.patch import PatchTrigger
 
     h, w = trigger.size
-    ys, xs = torch.nonzero(trigger.mask.amax(0) > 0, as_tuple=True)
-    y0, x0, th, tw = int(ys.min()), int(xs.min()), int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+    y0, x0, y1, x1 = trigger.params()["box"]  # inclusive ends
+    th, tw = y1 - y0 + 1, x1 - x0 + 1
     tops = range(y0 % (th + 1), h - th + 1, th + 1)
     lefts = range(x0 % (tw + 1), w - tw + 1, tw + 1)
     top, left, bottom, right = keep_out
