@@ -67,16 +67,55 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(cells: list[dict[str, Any]], out: Path, title: str = "comparison") -> dict[str, Path]:
-    """``out/report.md``, ``out/report.csv`` and (with matplotlib) ``out/asr_vs_ca.png``."""
+def _pair(values: list[tuple[float | None, float | None]], pick: Any) -> str:
+    """``linear / kNN`` of ``pick`` over the cells' (linear, kNN) values, in percent (kNN: — when absent)."""
+    parts = []
+    for i in (0, 1):
+        vals = [v[i] for v in values if v[i] is not None]
+        parts.append(f"{100 * pick(vals):.1f}" if vals else "—")
+    return " / ".join(parts)
+
+
+def pass_summary(cells: Iterable[dict[str, Any]], bar: dict[str, Any]) -> str:
+    """Per defense, over the cells judged against the matrix's bar (those with ``passed``): how many pass, the
+    median and worst ASR, the worst ΔCA and the median wall time, as a Markdown table."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        if c.get("passed") is not None:
+            groups.setdefault(c["defense"], []).append(c)
+    ca = bar.get("ca_drop")
+    both = [f"ASR and ΔCA ≥ −{100 * ca:g}"] if ca is not None else []
+    head = ["defense", "ASR bar met", *both, "median ASR", "worst ASR", "worst ΔCA", "median wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for defense, cs in groups.items():
+        asr = [(c.get("asr_linear"), c.get("asr_knn")) for c in cs]
+        dca = [c["delta_ca"] for c in cs if c.get("delta_ca") is not None]
+        wall = statistics.median(float(c.get("wall_seconds") or 0.0) for c in cs)
+        worst_dca = f"{100 * min(dca):+.1f}" if dca else "—"
+        met = [f"{sum(bool(c['passed']) for c in cs)}/{len(cs)}"]
+        met += [f"{sum(bool(c.get('passed_with_ca')) for c in cs)}/{len(cs)}"] if ca is not None else []
+        row = [defense, *met, _pair(asr, statistics.median), _pair(asr, max), worst_dca, f"{wall:.0f} s"]
+        lines.append("| " + " | ".join(row) + " |")
+    over = 100 * bar.get("over_floor", 0.0)
+    rule = (f"A cell meets the ASR bar at ASR ≤ max({100 * bar['asr']:g}%, floor + {over:g} point{'' if over == 1 else 's'}) "
+            "(linear and, where judged, kNN), the floor being the undefended ASR of the same trigger and target "
+            "without poisoning; ASR and ΔCA in percent, linear / kNN.")
+    return rule + "\n\n" + "\n".join(lines)
+
+
+def write_report(cells: list[dict[str, Any]], out: Path, title: str = "comparison",
+                 bar: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``out/report.md``, ``out/report.csv`` and (with matplotlib) ``out/asr_vs_ca.png``; with a pass ``bar``
+    the Markdown ends with :func:`pass_summary`."""
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(cells)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv"}
+    summary = f"\n## Per defense\n\n{pass_summary(cells, bar)}\n" if bar else ""
     paths["markdown"].write_text(
         f"# {title}\n\nMean ± std over seeds. CA and ASR on the test set (ASR over non-target images) of the "
         "linear probe and the kNN classifier (k=200, T=0.1) on the defended encoder's features, or of the "
         "defended classifier itself (kNN: —); ΔCA against the undefended linear probe of the same attack and "
-        "seed; clean data = clean images the defense used.\n\n" + markdown(rows) + "\n")
+        "seed; clean data = clean images the defense used.\n\n" + markdown(rows) + "\n" + summary)
     with paths["csv"].open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["attack", "defense", "seeds"] + [f"{k}_{s}" for k, _, _, _ in COLUMNS for s in ("mean", "std")]

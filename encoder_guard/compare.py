@@ -20,7 +20,12 @@ A matrix file has ``attacks`` (each an ``encoder``, ``trigger`` and ``target``, 
 and ``defenses`` (each a registered method's name, or a label with ``method:``, and any hyperparameters
 that differ from its preset). A defense entry may also set ``seeds`` (fewer than the matrix's), ``only``
 (the attacks it runs under) and ``not_applicable: {attack: reason}`` (reported as n/a with the reason).
-``pretrain_seconds`` adds each defense's wall time as a share of that pretraining time.
+``pretrain_seconds`` adds each defense's wall time as a share of that pretraining time. An attack may set
+``victim`` (``probe`` or ``finetune``) for its own cells, over ``downstream.victim``. A ``pass`` section
+(``asr``, ``over_floor``, ``floors: {attack: floor attack}``, optionally ``ca_drop``) judges every cell of the
+attacks it gives a floor: it passes at ASR ≤ max(``asr``, floor + ``over_floor``), the floor being the floor
+attack's undefended ASR for the same seed (and, with ``ca_drop``, is also counted for ΔCA ≥ −``ca_drop``), and
+the report ends with a per-defense summary.
 
 A finished cell leaves ``metrics.json`` and is never recomputed, so an interrupted comparison is resumed by
 running the same command again; a cell whose defense was interrupted resumes that defense. Each cell
@@ -96,13 +101,20 @@ def load_matrix(path: str | Path) -> dict[str, Any]:
         unknown = [a for a in (d.get("only") or []) + list(d.get("not_applicable") or {}) if a not in m["attacks"]]
         if unknown:
             raise EncoderGuardError(f"{path}: defense {label!r} names attacks the matrix lacks: {', '.join(unknown)}")
+    if m.get("pass") is not None:
+        bar = m["pass"]
+        if not isinstance(bar, dict) or "asr" not in bar:
+            raise EncoderGuardError(f"{path}: 'pass' needs 'asr' (and optionally 'over_floor', 'floors'), got {bar!r}")
+        named = [a for pair in (bar.get("floors") or {}).items() for a in pair if a not in m["attacks"]]
+        if named:
+            raise EncoderGuardError(f"{path}: pass.floors names attacks the matrix lacks: {', '.join(named)}")
     m.setdefault("seeds", [0])
     m["seeds"] = m["seeds"] if isinstance(m["seeds"], list) else [m["seeds"]]
     return m
 
 
 def _downstream(matrix: dict[str, Any], attack: dict[str, Any]) -> dict[str, Any]:
-    keys = ("trigger", "target", "poison_rate")
+    keys = ("trigger", "target", "poison_rate", "victim")
     return _merge(matrix.get("downstream") or {}, {k: attack[k] for k in keys if k in attack})
 
 
@@ -208,6 +220,18 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
     return out
 
 
+def passes(cell: dict[str, Any], floor: dict[str, Any], bar: dict[str, Any]) -> bool:
+    """Whether ``cell``'s ASR (linear, and kNN where judged) is at most max(``bar.asr``, the ``floor`` cell's
+    ASR + ``bar.over_floor``)."""
+    for key in ("asr_linear", "asr_knn"):
+        if cell.get(key) is None:
+            continue
+        limit = max(float(bar["asr"]), float(floor.get(key) or 0.0) + float(bar.get("over_floor", 0.0)))
+        if cell[key] > limit:
+            return False
+    return True
+
+
 def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Run (or resume) every cell, then write the report; returns the cells and the report's paths."""
     run = RunDir(out, matrix)
@@ -224,6 +248,7 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
             cells.append(run_cell(matrix, a, d, s, out / "cells" / a / d / f"seed{s}", progress=f"[{i}/{len(todo)}] "))
     base = {(c["attack"], c["seed"]): c for c in cells if c["defense"] == NONE}
     pretrain_seconds = matrix.get("pretrain_seconds")
+    bar: dict[str, Any] = matrix.get("pass") or {}
     for c in cells:
         b = base[(c["attack"], c["seed"])]
         if c.get("ca_linear") is None:
@@ -233,7 +258,12 @@ def run_matrix(matrix: dict[str, Any], out: Path) -> tuple[list[dict[str, Any]],
             c["der"] = defense_effectiveness_rating(b["ca_linear"], b["asr_linear"], c["ca_linear"], c["asr_linear"])
         if pretrain_seconds:
             c["share_of_pretraining"] = c["wall_seconds"] / float(pretrain_seconds)
+        floor = (bar.get("floors") or {}).get(c["attack"])
+        if floor is not None and (floor, c["seed"]) in base and c.get("asr_linear") is not None:
+            c["passed"] = passes(c, base[(floor, c["seed"])], bar)
+            if bar.get("ca_drop") is not None:
+                c["passed_with_ca"] = c["passed"] and c["delta_ca"] >= -float(bar["ca_drop"])
     run.write_json("cells.json", {"cells": cells})
-    paths = write_report(cells, out, matrix.get("title", "comparison"))
+    paths = write_report(cells, out, matrix.get("title", "comparison"), bar or None)
     run.logger.info(f"report → {paths['markdown']}")
     return cells, paths

@@ -11,7 +11,7 @@ from encoder_guard.data import make_synthetic, take_subset
 from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.anp import ANP
 from encoder_guard.defenses.base import DefenseData, DownstreamData
-from encoder_guard.defenses.clp import CLP, channel_lipschitz, conv_bn_pairs
+from encoder_guard.defenses.clp import CLP, CLPClassifier, channel_lipschitz, conv_bn_pairs
 from encoder_guard.defenses.fine_pruning import FinePruning
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.triggers import PatchTrigger
@@ -28,8 +28,8 @@ def setting(encoder):
 
 def test_levels():
     assert defense_level("clp") == "encoder"
-    assert defense_level("fine-pruning") == defense_level("anp") == "classifier"
-    assert {"clp", "fine-pruning", "anp"} <= set(DEFENSES.names())
+    assert defense_level("fine-pruning") == defense_level("anp") == defense_level("clp-classifier") == "classifier"
+    assert {"clp", "clp-classifier", "fine-pruning", "anp"} <= set(DEFENSES.names())
 
 
 def test_channel_lipschitz_is_the_spectral_norm_of_the_bn_scaled_kernel():
@@ -59,6 +59,21 @@ def test_clp_prunes_an_implanted_high_lipschitz_channel_and_nothing_without_one(
     assert float(bn.weight[2].detach()) != 0.0  # the input encoder is untouched
     with pytest.raises(ValueError):
         CLP(u=0)
+
+
+def test_clp_on_a_classifier_prunes_its_encoder_as_on_an_encoder_and_keeps_the_head(setting):
+    clf, data = setting
+    clf = copy.deepcopy(clf)
+    name, conv, _ = conv_bn_pairs(clf.encoder.backbone)[3]
+    with torch.no_grad():
+        conv.weight[2] *= 50
+    result = CLPClassifier(u=3.0)(clf, DownstreamData(data.train, None), None)
+    alone = CLP(u=3.0)(clf.encoder, DefenseData(None, 0), None)
+    assert result.report["pruned_channels"] == alone.report["pruned_channels"] and result.report["pruned_total"] >= 1
+    after = result.model.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in alone.model.state_dict().items())
+    assert torch.equal(result.model.head.linear.weight, clf.head.linear.weight)
+    assert result.report["data"]["clean_images"] == 0
 
 
 def test_fine_pruning_masks_dormant_channels_within_the_accuracy_budget(setting):

@@ -291,3 +291,40 @@ def test_log_kept_points_the_log_back_after_a_nested_run_even_one_that_fails(tmp
     outer, inner = (tmp_path / "outer" / "log.txt").read_text(), (tmp_path / "inner" / "log.txt").read_text()
     assert "outer line" in outer and "inner line" not in outer
     assert "inner line" in inner and "outer line" not in inner
+
+
+def test_an_attack_sets_its_own_victim_and_a_pass_bar_names_known_attacks(matrix_file, tmp_path):
+    m = load_matrix(matrix_file)
+    ft = {**m["attacks"]["badnets"], "victim": "finetune"}
+    _, cfg = defense_config(m, ft, "d3-tail", 0)
+    assert cfg["downstream"]["victim"] == "finetune"
+    _, cfg = defense_config(m, m["attacks"]["badnets"], "d3-tail", 0)
+    assert cfg["downstream"].get("victim", "probe") == "probe"
+    raw = yaml.safe_load(matrix_file.read_text())
+    raw["pass"] = {"asr": 0.02, "floors": {"badnets": "badnets-floor"}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(EncoderGuardError, match="badnets-floor"):
+        load_matrix(bad)
+    raw["pass"] = {"floors": {}}
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(EncoderGuardError, match="'pass' needs 'asr'"):
+        load_matrix(bad)
+
+
+def test_a_cell_passes_under_the_larger_of_the_bar_and_its_floor_and_the_summary_counts_them():
+    from downstream.report import pass_summary
+    from encoder_guard.compare import passes
+
+    bar = {"asr": 0.02, "over_floor": 0.01, "ca_drop": 0.02}
+    low_floor, high_floor = {"asr_linear": 0.003}, {"asr_linear": 0.10, "asr_knn": 0.05}
+    assert passes({"asr_linear": 0.019}, low_floor, bar) and not passes({"asr_linear": 0.021}, low_floor, bar)
+    assert passes({"asr_linear": 0.105, "asr_knn": 0.06}, high_floor, bar)  # floor + 1 point is the larger
+    assert not passes({"asr_linear": 0.105, "asr_knn": 0.061}, high_floor, bar)  # kNN is judged too where given
+    cells = [{"defense": "d3", "asr_linear": a, "asr_knn": None, "delta_ca": d, "wall_seconds": w, "passed": p,
+              "passed_with_ca": p and d >= -0.02}
+             for a, d, w, p in [(0.0, -0.04, 100, True), (0.01, -0.01, 110, True), (0.5, -0.01, 120, False)]]
+    cells.append({"defense": "none", "asr_linear": 0.99, "delta_ca": 0.0})  # no floor: not judged, not counted
+    table = pass_summary(cells, bar)
+    assert "| d3 | 2/3 | 1/3 | 1.0 / — | 50.0 / — | -4.0 | 110 s |" in table
+    assert "| none |" not in table and "max(2%, floor + 1 point)" in table

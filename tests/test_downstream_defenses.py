@@ -16,15 +16,13 @@ from encoder_guard.defenses import DEFENSES, defense_level
 from encoder_guard.defenses.base import DownstreamData
 from encoder_guard.defenses.d3 import D3
 from encoder_guard.defenses.d3_tail import D3Tail
-from encoder_guard.defenses.padft import (
-    PADFT,
+from encoder_guard.defenses.padft import PADFT, keep_lowest, sce_scores, selection_quality, symmetric_cross_entropy
+from encoder_guard.defenses.padft_guarded import (
+    PADFTGuarded,
     cluster_suspects,
-    keep_lowest,
-    sce_scores,
-    selection_quality,
+    hidden_sources,
     signature_suspects,
     spread_classes,
-    symmetric_cross_entropy,
 )
 from encoder_guard.defenses.runner import defend_config, run_defense
 from encoder_guard.defenses.tail import Tail, fit_minibatches
@@ -55,7 +53,7 @@ def clf(encoder, poisoned) -> Classifier:
 
 
 def test_classifier_defenses_are_registered_at_classifier_level():
-    for name in ("d3", "d3-tail", "pad-ft", "tac", "purifier"):
+    for name in ("d3", "d3-tail", "pad-ft", "pad-ft-guarded", "tac", "purifier", "clp-classifier"):
         assert name in DEFENSES.names() and defense_level(name) == "classifier"
     assert defense_level("mimic") == "encoder"
 
@@ -269,8 +267,6 @@ def _hidden_source_case(g: torch.Generator, centers: torch.Tensor, hidden_source
     trigger and relabelled 0, which the scorer sends back to their source except ``hidden_source``'s (they
     agree with their label); ``confused`` samples of classes 0 and 1 swapped in the predictions. Runs
     :func:`hidden_sources` on it; returns its mask and counts, the truly hidden mask and the labels."""
-    from encoder_guard.defenses.padft import hidden_sources
-
     classes, dim = centers.shape
     y = torch.arange(classes).repeat_interleave(per)
     feats = centers[y] + torch.randn(len(y), dim, generator=g)
@@ -316,7 +312,9 @@ def test_hidden_sources_ranks_a_look_alike_source_s_candidates_by_confidence():
     assert (found & hidden).sum() >= 36 and not found[labels != 0].any()
 
 
-def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path):
+def test_padft_keeps_its_share_clips_and_finetunes_the_last_layer(clf, poisoned, tmp_path):
+    """PAD-FT as published: the lowest-SCE half of each class, clipping bounds from it, the last layer alone
+    fine-tuned with the consistency term."""
     p, _ = poisoned
     result = PADFT(score_epochs=5, epochs=3)(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
     head, report = result.model.head, result.report
@@ -324,20 +322,33 @@ def test_padft_clips_finetunes_and_reports_its_selection(clf, poisoned, tmp_path
     assert (head.lo <= head.hi).all() and report["clipped_dims"] == 128
     assert not clf.head.clipped  # the deployed classifier is untouched
     assert not torch.equal(head.linear.weight, clf.head.linear.weight)
+    before, after = clf.encoder.state_dict(), result.model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # only the last layer changes
     sel = report["selection"]
     assert sel["of"] == 256 and sel["poisoned"] == len(p.indices) == 26
-    assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
-    assert 0 < sel["kept"] <= 256
-    assert set(report["relabelled"]) == {"flagged_classes", "evidence", "signature_added", "hidden_added"}
-    one_pass = PADFT(score_epochs=5, epochs=1, second_pass=False)(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
-    assert one_pass.report["selection"]["kept"] == pytest.approx(128, abs=2)
+    counts = torch.bincount(p.dataset.labels.long())
+    assert sel["kept"] == sum(max(1, round(0.5 * int(n))) for n in counts if n > 0)
     for key in ("clean_precision", "poison_recall", "removed_precision"):
         assert 0 <= sel[key] <= 1
-    assert report["data"]["clean_images"] == 0
+    assert report["data"]["clean_images"] == 0 and report["hparams"]["consistency"] == 1.0
+    assert "relabelled" not in report
     # without the experiment's knowledge of the poisoned indices, only the counts
     plain = PADFT(score_epochs=2, epochs=1, clip_quantile=None)(clf, DownstreamData(p.dataset, None), tmp_path)
     assert set(plain.report["selection"]) == {"kept", "of"}
     assert not plain.model.head.clipped and plain.report["clipped_dims"] == 0
+
+
+def test_padft_guarded_reports_its_two_passes(clf, poisoned, tmp_path):
+    p, _ = poisoned
+    result = PADFTGuarded(score_epochs=5, epochs=3)(clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
+    report = result.report
+    assert report["first_selection"] == pytest.approx(128, abs=2)  # keep=0.5 of each class
+    assert 0 < report["selection"]["kept"] <= 256 and report["hparams"]["consistency"] == 0.0
+    assert set(report["relabelled"]) == {"flagged_classes", "evidence", "signature_added", "hidden_added"}
+    one_pass = PADFTGuarded(score_epochs=5, epochs=1, second_pass=False, cluster_ratio=None)(
+        clf, DownstreamData(p.dataset, None, p.indices), tmp_path)
+    assert one_pass.report["selection"]["kept"] == pytest.approx(128, abs=2)
+    assert one_pass.report["relabelled"] is None and one_pass.report["cluster_guard"] is None
 
 
 def test_fit_minibatches_cosine_anneals_to_a_batch_order_independent_end():
@@ -362,13 +373,15 @@ def test_fit_minibatches_cosine_anneals_to_a_batch_order_independent_end():
 
 def test_padft_validates_its_arguments():
     with pytest.raises(ValueError, match="signature_rounds"):
-        PADFT(signature_rounds=-1)
+        PADFTGuarded(signature_rounds=-1)
     with pytest.raises(ValueError, match="keep"):
-        PADFT(keep=0)
+        PADFTGuarded(keep=0)
     with pytest.raises(ValueError, match="cluster_ratio"):
-        PADFT(cluster_ratio=1.0)
+        PADFTGuarded(cluster_ratio=1.0)
     with pytest.raises(ValueError, match="clip_quantile"):
         PADFT(clip_quantile=0.4)
+    with pytest.raises(ValueError, match="consistency"):
+        PADFT(consistency=-1)
 
 
 # -------------------------------------------------------------------------------- threats
@@ -433,7 +446,8 @@ def _sets(trigger_file, *extra):
     return sum((["--set", s] for s in base), [])
 
 
-FAST = {"d3-tail": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"],
+FAST = {"d3-tail": ["defense.steps=10"], "pad-ft": ["defense.score_epochs=3", "defense.epochs=2"],
+        "pad-ft-guarded": ["defense.score_epochs=3", "defense.epochs=2"], "tac": ["defense.epochs=2"], "clp-classifier": [],
         "purifier": ["defense.head_epochs=1", "defense.epochs=1"]}
 
 
@@ -456,10 +470,9 @@ def test_cli_defend_writes_a_classifier_and_before_after_metrics(name, files, tm
     loaded = load_classifier(out)
     ds = downstream_setup(cfg, loaded.encoder, seed=0, clean=False)
     assert ds.evaluate(loaded)["ca"] == report["after"]["ca"] and ds.evaluate(loaded)["asr"] == report["after"]["asr"]
-    if name == "pad-ft":
-        assert report["selection"]["poisoned"] == 51 and report["data"]["clean_images"] == 0
-    else:
-        assert report["data"]["clean_images"] > 0
+    if name.startswith("pad-ft"):
+        assert report["selection"]["poisoned"] == 51
+    assert (report["data"]["clean_images"] > 0) == DEFENSES.get(name).uses_clean
     # a second run into the same directory is refused with one line
     capsys.readouterr()
     assert main(["defend", name, "--encoder", str(enc), *_sets(trig, *FAST[name]), "--out", str(out)]) == 2

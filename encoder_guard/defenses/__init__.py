@@ -8,6 +8,7 @@ from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
     fine_pruning,
     mimic,
     padft,
+    padft_guarded,
     purifier,
     purifier_plus,
     ssl_baselines,

@@ -9,6 +9,9 @@ followed by BatchNorm, the channel's upper bound on its Lipschitz constant (UCLC
 value of its kernel scaled by the BatchNorm gain ``γ/σ``; channels whose UCLC exceeds
 ``mean + u · std`` of their layer are pruned (their BatchNorm output is set to zero). No data at all:
 the defense a user can apply to a downloaded encoder before anything else.
+
+``clp`` prunes an encoder; ``clp-classifier`` prunes a deployed classifier's encoder and keeps its head, the
+setting of [0] (a network trained on poisoned data), e.g. under the fine-tune threat.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from downstream.classifier import Classifier
 from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.encoders import Encoder
-from encoder_guard.threats import DefenseData
+from encoder_guard.threats import DefenseData, DownstreamData
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d]]:
@@ -45,6 +49,20 @@ def channel_lipschitz(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     return torch.linalg.matrix_norm(w, ord=2) * gain
 
 
+@torch.no_grad()
+def prune_by_lipschitz(model: nn.Module, u: float) -> dict[str, Any]:
+    """Zero the BatchNorm output of every channel whose UCLC exceeds its layer's ``mean + u · std``, in place;
+    returns the count pruned per layer and in all."""
+    layers = {}
+    for name, conv, bn in conv_bn_pairs(model):
+        lips = channel_lipschitz(conv, bn)
+        prune = lips > lips.mean() + u * lips.std()
+        bn.weight[prune] = 0
+        bn.bias[prune] = 0
+        layers[name] = int(prune.sum())
+    return {"pruned_channels": layers, "pruned_total": sum(layers.values())}
+
+
 @DEFENSES.register("clp")
 class CLP(Defense):
     """Args:
@@ -63,12 +81,16 @@ class CLP(Defense):
 
     def defend(self, encoder: Encoder, data: DefenseData, out: Path | None,
                resume: bool) -> tuple[Encoder, dict[str, Any]]:
-        layers = {}
-        with torch.no_grad():
-            for name, conv, bn in conv_bn_pairs(encoder.backbone):
-                lips = channel_lipschitz(conv, bn)
-                prune = lips > lips.mean() + self.u * lips.std()
-                bn.weight[prune] = 0
-                bn.bias[prune] = 0
-                layers[name] = int(prune.sum())
-        return encoder, {"pruned_channels": layers, "pruned_total": sum(layers.values())}
+        return encoder, prune_by_lipschitz(encoder.backbone, self.u)
+
+
+@DEFENSES.register("clp-classifier")
+class CLPClassifier(CLP):
+    """CLP on a deployed classifier: its encoder's channels are pruned as :class:`CLP` prunes an encoder's, and
+    the head is kept. Args: as :class:`CLP`."""
+
+    level = "classifier"
+
+    def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,  # type: ignore[override]
+               resume: bool) -> tuple[Classifier, dict[str, Any]]:
+        return clf, prune_by_lipschitz(clf.encoder.backbone, self.u)
