@@ -62,8 +62,9 @@ def test_run_demo_goes_through_its_five_stages_and_writes_its_tables(tmp_path, m
         for attack_name, attack in matrix["attacks"].items():
             for label, entry in {"none": {}, **matrix["defenses"]}.items():
                 if attack_name in (entry or {}).get("only", [attack_name]):
-                    if label != "none":
-                        defense_config(matrix, attack, label, 0)  # every demo cell resolves to a runnable config
+                    if label != "none":  # every demo cell resolves to a runnable config, in its own threat
+                        _, cfg = defense_config(matrix, attack, label, 0)
+                        assert (cfg["downstream"].get("victim") == "finetune") == (attack_name == "finetune-5%")
                     cells.append({"attack": attack_name, "defense": label, "seed": 0, "ca_linear": 0.88,
                                   "asr_linear": 0.01, "wall_seconds": 1.0})
         out.mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,10 @@ def test_run_demo_goes_through_its_five_stages_and_writes_its_tables(tmp_path, m
     assert run_demo(tmp_path / "demo", epochs=2) == 0
     printed = capsys.readouterr().out
     assert "clean SimCLR (2 epochs)" in printed and "raw pixels" in printed
-    for defense in ("mimic", "purifier-plus-no-rating", "purifier-plus", "pad-ft", "d3-tail", "tac"):
+    for defense in ("mimic", "purifier-plus-no-rating", "purifier-plus", "refit-head", "finetune-all", "pad-ft", "d3",
+                    "d3-tail", "tac"):
         assert f"| {defense} " in printed
+    assert "| finetune-5% | mimic" not in printed and "| badencoder | d3 " not in printed  # each in its own threat
     assert (tmp_path / "demo" / "summary.md").read_text().strip() == printed.strip()
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["pretrain_epochs"] == 2 and metrics["badencoder"]["asr_linear"] == 0.02
