@@ -110,7 +110,8 @@ def write_report(cells: list[dict[str, Any]], out: Path, title: str = "compariso
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(cells)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv"}
-    summary = f"\n## Per defense\n\n{pass_summary(cells, bar)}\n" if bar else ""
+    judged = bar is not None and any(c.get("passed") is not None for c in cells)
+    summary = f"\n## Per defense\n\n{pass_summary(cells, bar or {})}\n" if judged else ""
     paths["markdown"].write_text(
         f"# {title}\n\nMean ± std over seeds. CA and ASR on the test set (ASR over non-target images) of the "
         "linear probe and the kNN classifier (k=200, T=0.1) on the defended encoder's features, or of the "

@@ -10,7 +10,7 @@ defend`` in ``DIR/cells/<attack>/<defense>/seed<k>/defense``, and what it return
   CA, ASR and RA in the linear columns, and the kNN columns stay empty;
 - an encoder-level defense gets the matrix's ``data`` (a clean unlabelled share of the pretraining set); a
   classifier-level one the deployed classifier (a linear probe fitted on the training set with the cell's
-  seed) and the matrix's ``downstream`` data (5% clean labelled images by default; PAD-FT uses none);
+  seed) and the matrix's ``downstream`` data (5% clean labelled images by default; PAD-FT and CLP use none);
 - ``none`` (always run) is the undefended encoder, judged like an encoder-level defense's output; under the
   poisoned fine-tune threat (``downstream.victim: finetune``) it is the fine-tuned victim classifier itself.
   ΔCA and DER of every cell are against it.
@@ -103,9 +103,14 @@ def load_matrix(path: str | Path) -> dict[str, Any]:
             raise EncoderGuardError(f"{path}: defense {label!r} names attacks the matrix lacks: {', '.join(unknown)}")
     if m.get("pass") is not None:
         bar = m["pass"]
-        if not isinstance(bar, dict) or "asr" not in bar:
-            raise EncoderGuardError(f"{path}: 'pass' needs 'asr' (and optionally 'over_floor', 'floors'), got {bar!r}")
-        named = [a for pair in (bar.get("floors") or {}).items() for a in pair if a not in m["attacks"]]
+        if not isinstance(bar, dict) or "asr" not in bar or not isinstance(bar.get("floors"), dict):
+            raise EncoderGuardError(f"{path}: 'pass' needs 'asr' and 'floors: {{attack: floor attack}}' (optionally "
+                                    f"'over_floor', 'ca_drop'), got {bar!r}")
+        extra = set(bar) - {"asr", "over_floor", "ca_drop", "floors"}
+        if extra:
+            raise EncoderGuardError(f"{path}: 'pass' has unknown keys {', '.join(sorted(extra))} "
+                                    "(it takes asr, over_floor, ca_drop, floors)")
+        named = [a for pair in bar["floors"].items() for a in pair if a not in m["attacks"]]
         if named:
             raise EncoderGuardError(f"{path}: pass.floors names attacks the matrix lacks: {', '.join(named)}")
     m.setdefault("seeds", [0])
@@ -222,11 +227,12 @@ def run_cell(matrix: dict[str, Any], attack_name: str, label: str, seed: int, ce
 
 def passes(cell: dict[str, Any], floor: dict[str, Any], bar: dict[str, Any]) -> bool:
     """Whether ``cell``'s ASR (linear, and kNN where judged) is at most max(``bar.asr``, the ``floor`` cell's
-    ASR + ``bar.over_floor``)."""
+    ASR + ``bar.over_floor``); a floor judged without kNN (a classifier) gives its linear ASR for both."""
     for key in ("asr_linear", "asr_knn"):
         if cell.get(key) is None:
             continue
-        limit = max(float(bar["asr"]), float(floor.get(key) or 0.0) + float(bar.get("over_floor", 0.0)))
+        base = floor.get(key) if floor.get(key) is not None else floor.get("asr_linear")
+        limit = max(float(bar["asr"]), float(base or 0.0) + float(bar.get("over_floor", 0.0)))
         if cell[key] > limit:
             return False
     return True

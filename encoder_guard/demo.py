@@ -112,8 +112,8 @@ def plan(preset: dict[str, Any], attack_preset: dict[str, Any], epochs: int) -> 
         f"{attack_preset['shadow']['count']:,} shadow images)\n"
         "  3/5 linear probe + kNN on frozen features: CA and ASR of both encoders\n"
         "  4/5 raw-pixel baselines under the same protocol\n"
-        f"  5/5 compare defenses (encoder-guard compare): {', '.join(d for d in DEFENSES if ENCODER in DEFENSES[d]['only'])} "
-        f"against the BadEncoder encoder; {', '.join(d for d in DEFENSES if FINETUNE in DEFENSES[d]['only'])} against "
+        f"  5/5 compare defenses (encoder-guard compare): {', '.join(d for d, e in DEFENSES.items() if ENCODER in e['only'])} "
+        f"against the BadEncoder encoder; {', '.join(d for d, e in DEFENSES.items() if FINETUNE in e['only'])} against "
         "a classifier fine-tuned end to end on a 5% poisoned set"
     )
 

@@ -306,10 +306,12 @@ def test_an_attack_sets_its_own_victim_and_a_pass_bar_names_known_attacks(matrix
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(EncoderGuardError, match="badnets-floor"):
         load_matrix(bad)
-    raw["pass"] = {"floors": {}}
-    bad.write_text(yaml.safe_dump(raw))
-    with pytest.raises(EncoderGuardError, match="'pass' needs 'asr'"):
-        load_matrix(bad)
+    for broken, message in (({"floors": {}}, "'pass' needs 'asr'"), ({"asr": 0.02}, "'pass' needs 'asr' and 'floors"),
+                            ({"asr": 0.02, "floors": {}, "over_flor": 0.01}, "unknown keys over_flor")):
+        raw["pass"] = broken
+        bad.write_text(yaml.safe_dump(raw))
+        with pytest.raises(EncoderGuardError, match=message):
+            load_matrix(bad)
 
 
 def test_a_cell_passes_under_the_larger_of_the_bar_and_its_floor_and_the_summary_counts_them():
@@ -321,6 +323,8 @@ def test_a_cell_passes_under_the_larger_of_the_bar_and_its_floor_and_the_summary
     assert passes({"asr_linear": 0.019}, low_floor, bar) and not passes({"asr_linear": 0.021}, low_floor, bar)
     assert passes({"asr_linear": 0.105, "asr_knn": 0.06}, high_floor, bar)  # floor + 1 point is the larger
     assert not passes({"asr_linear": 0.105, "asr_knn": 0.061}, high_floor, bar)  # kNN is judged too where given
+    classifier_floor = {"asr_linear": 0.10, "asr_knn": None}  # judged without kNN: its linear ASR stands for both
+    assert passes({"asr_linear": 0.10, "asr_knn": 0.105}, classifier_floor, bar)
     cells = [{"defense": "d3", "asr_linear": a, "asr_knn": None, "delta_ca": d, "wall_seconds": w, "passed": p,
               "passed_with_ca": p and d >= -0.02}
              for a, d, w, p in [(0.0, -0.04, 100, True), (0.01, -0.01, 110, True), (0.5, -0.01, 120, False)]]

@@ -18,8 +18,8 @@ changes. The three steps of [0]:
    (KL between the predictions on a feature and on the same feature with a ``mask`` share of its dimensions
    zeroed), which keeps the new head from leaning on a few dimensions.
 
-[0]'s text beyond its abstract was not available and no official code was found, so every number here (the SCE
-weights, the kept share, the quantile, the consistency weight and the schedule) is this toolkit's choice;
+Only [0]'s abstract is public and it has no official code, so every number here (the SCE weights, the kept
+share, the quantile, the consistency weight and the schedule) is this toolkit's choice;
 ``docs/methods.md`` says so. ``pad-ft-guarded`` (:mod:`encoder_guard.defenses.padft_guarded`) adds a cluster
 guard and a second, targeted pass to step 1, each with the measurement behind it.
 
@@ -105,7 +105,6 @@ def selection_quality(kept: Tensor, poisoned: Tensor | None, n: int) -> dict[str
             "clean_precision": float((keep & ~bad).sum() / keep.sum().clamp_min(1)),
             "poison_recall": caught / int(bad.sum()),
             "removed_precision": caught / max(1, int(removed.sum()))}
-
 
 
 @DEFENSES.register("pad-ft")

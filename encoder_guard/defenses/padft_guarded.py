@@ -60,8 +60,8 @@ def cluster_suspects(feats: Tensor, y: Tensor, num_classes: int, ratio: float, s
 
     A class's split is scored by its silhouette (on at most ``sample`` members, cosine geometry after
     centring); a class is flagged when its silhouette is at least ``ratio`` times the median over the
-    classes. (A robust z-score was tried first: with ten classes the MAD is too small and too noisy a
-    scale, and flagged a clean class on one seed.) Returns the mask and a report.
+    classes. (Not a robust z-score: with ten classes the MAD is too small and too noisy a scale, and it
+    flagged a clean class on one seed.) Returns the mask and a report.
     """
     x = F.normalize(feats - feats.mean(0), dim=1).numpy()
     labels = y.numpy()
@@ -191,10 +191,9 @@ def hidden_sources(feats: Tensor, y: Tensor, pred: Tensor, num_classes: int, tar
     return found, taken
 
 
-
 @DEFENSES.register("pad-ft-guarded")
 class PADFTGuarded(PADFT):
-    """Args (besides :class:`~encoder_guard.defenses.padft.PADFT`'s):
+    """Args (besides :class:`~encoder_guard.defenses.padft.PADFT`'s, whose ``consistency`` defaults to 0 here):
         cluster_ratio: a class whose 2-means silhouette is at least this multiple of the median class's has
             its smaller cluster set aside before scoring (``None``: no cluster guard).
         second_pass: a second scorer, trained only on the first selection, labels every sample; in the classes
@@ -206,7 +205,7 @@ class PADFTGuarded(PADFT):
             traces to a source class with too few disagreements.
     """
 
-    def __init__(self, second_pass: bool = True, cluster_ratio: float | None = 1.6, signature_rounds: int = 3,
+    def __init__(self, *, second_pass: bool = True, cluster_ratio: float | None = 1.6, signature_rounds: int = 3,
                  hidden_sources: bool = True, consistency: float = 0.0, **kwargs: Any) -> None:
         super().__init__(consistency=consistency, **kwargs)
         if signature_rounds < 0:
