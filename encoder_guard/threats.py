@@ -65,6 +65,12 @@ class DownstreamData:
     clean: ImageDataset | None
     poisoned: Any = None
 
+    def clean_set(self, defense: str, what: str = "a small clean labelled set") -> ImageDataset:
+        """The clean labelled share, or a one-line error naming ``defense`` and the setting that provides it."""
+        if self.clean is None or len(self.clean) == 0:
+            raise EncoderGuardError(f"{defense} needs {what}; set downstream.clean_fraction (default 0.05)")
+        return self.clean
+
     def usage(self) -> dict[str, Any]:
         clean = 0 if self.clean is None else len(self.clean)
         return {"train_dataset": self.train.name, "train_images": len(self.train), "clean_images": clean,

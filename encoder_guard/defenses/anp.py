@@ -72,10 +72,9 @@ class ANP(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("ANP needs a small clean labelled set; set downstream.clean_fraction")
+        clean = data.clean_set("ANP")
         tail = Tail(clf, self.layers)
-        h, y = tail.inputs(data.clean.images), data.clean.labels.long()
+        h, y = tail.inputs(clean.images), clean.labels.long()
         for p in clf.parameters():
             p.requires_grad_(False)
         hooks = [_Perturb(m) for s in tail.stages() for m in s.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -32,11 +32,16 @@ from torch import Tensor
 from downstream.classifier import Classifier
 from downstream.finetune import light_augment
 from encoder_guard.defenses.base import DEFENSES, Defense
-from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
 from encoder_guard.training import Step, TrainLoop, cosine_lr
 
 INITS = ("random", "near", "far")
+
+
+@torch.no_grad()
+def _onto_sphere(weight: Tensor, radius: Tensor) -> None:
+    """Rescale ``weight`` in place to norm ``radius``."""
+    weight.mul_(radius / weight.norm().clamp_min(1e-12))
 
 
 @DEFENSES.register("d3")
@@ -69,9 +74,7 @@ class D3(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        clean = data.clean
-        if clean is None or len(clean) == 0:
-            raise EncoderGuardError("D3 needs a small clean labelled set; set downstream.clean_fraction (default 0.05)")
+        clean = data.clean_set("D3")
         if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
             with tempfile.TemporaryDirectory() as tmp:
                 return self.defend(clf, data, Path(tmp), False)
@@ -99,8 +102,7 @@ class D3(Defense):
             return loss, {"ce": float(ce.detach().mean()), "distance": float(distance.detach() / radius)}
 
         def project(_step: int, _total: int) -> None:
-            with torch.no_grad():
-                weight.mul_(radius / weight.norm().clamp_min(1e-12))
+            _onto_sphere(weight, radius)
 
         def cosine_by_epoch(s: int) -> float:  # the official code steps its cosine once per epoch
             return cosine_lr(s // per_epoch, self.epochs, self.lr)
@@ -109,10 +111,7 @@ class D3(Defense):
                          checkpoint=out / "checkpoints" / "d3.pt", checkpoint_every=10, lr=cosine_by_epoch,
                          on_step_end=project, desc="D3", advice="lower D3's learning rate (defense.lr)")
         history = loop.run(step, len(clean), resume=resume)
-        clf.eval()
-        for p in clf.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
+        with torch.no_grad():  # Defense.__call__ puts the classifier back in eval mode, frozen
             moved = float((weight - initial).norm() / radius)
         return clf, {"history": history, "relative_weight_distance": moved}
 
@@ -124,4 +123,4 @@ class D3(Defense):
                 weight.copy_(torch.rand(weight.shape, generator=g) - 0.5)
             elif self.init == "far":
                 weight.copy_(-initial)
-            weight.mul_(radius / weight.norm().clamp_min(1e-12))
+        _onto_sphere(weight, radius)

@@ -42,7 +42,7 @@ from tqdm import trange
 from downstream.classifier import Classifier
 from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import Tail
-from encoder_guard.errors import EncoderGuardError, TrainingDivergedError
+from encoder_guard.errors import TrainingDivergedError
 from encoder_guard.threats import DownstreamData
 
 
@@ -74,10 +74,9 @@ class D3Tail(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("d3-tail needs a small clean labelled set; set downstream.clean_fraction (default 0.05)")
+        clean = data.clean_set("d3-tail")
         tail = Tail(clf, self.layers)
-        h, y = tail.inputs(data.clean.images), data.clean.labels.long()
+        h, y = tail.inputs(clean.images), clean.labels.long()
         tail.freeze_rest()
         weights = list(tail.parameters(weights_only=True))
         initial = [w.detach().clone() for w in weights]

@@ -22,7 +22,6 @@ from downstream.classifier import Classifier
 from downstream.features import cached_features
 from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.defenses.tail import HeadTuner
-from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
 
 
@@ -47,11 +46,10 @@ class FinePruning(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("fine-pruning needs a small clean labelled set; set downstream.clean_fraction")
+        clean = data.clean_set("fine-pruning")
         head = clf.head
-        f = cached_features(clf.encoder, data.clean, device=self.device)
-        y = data.clean.labels.long()
+        f = cached_features(clf.encoder, clean, device=self.device)
+        y = clean.labels.long()
 
         def acc() -> float:
             with torch.no_grad():

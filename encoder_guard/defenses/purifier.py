@@ -75,18 +75,16 @@ class Purifier(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("Purifier needs a small clean labelled set; set "
-                                    "downstream.clean_fraction (default 0.05)")
+        clean = data.clean_set("Purifier")
         enc = clf.encoder
         taken = [t for t in self.taps if t in enc.plugins]
         if taken:
             raise EncoderGuardError(f"the encoder already has plug-ins at {', '.join(taken)}; defend the original encoder")
-        y = data.clean.labels.long()
+        y = clean.labels.long()
         classes = clf.head.linear.out_features
         channels = {t["name"]: t["num_chs"] for t in enc.feature_info}
         tail = Tail(clf, TAP_NAMES[TAP_NAMES.index(self.taps[0]) - 1])
-        h = tail.inputs(data.clean.images)  # at the stage before the first plug-in: unaffected by them
+        h = tail.inputs(clean.images)  # at the stage before the first plug-in: unaffected by them
         masks = {}
         for tap in self.taps:
             masks[tap] = ClassMask(channels[tap], classes)

@@ -145,10 +145,9 @@ class TAC(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        if data.clean is None or len(data.clean) == 0:
-            raise EncoderGuardError("TAC needs clean labelled reference images; set downstream.clean_fraction (default 0.05)")
-        feats = cached_features(clf.encoder, data.clean, device=self.device)
-        y = data.clean.labels.long()
+        clean = data.clean_set("TAC", "clean labelled reference images")
+        feats = cached_features(clf.encoder, clean, device=self.device)
+        y = clean.labels.long()
         found, s = detect(clf, feats, self.margin, self.alpha)
         report: dict[str, Any] = {"detection": found.as_dict()}
         if found.flagged or self.always_remove:

@@ -18,14 +18,7 @@ from typing import Any
 from downstream.classifier import Classifier, fit_classifier
 from downstream.finetune import FinetuneConfig, finetune_classifier
 from encoder_guard.defenses.base import DEFENSES, Defense
-from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
-
-
-def _clean(data: DownstreamData, name: str) -> Any:
-    if data.clean is None or len(data.clean) == 0:
-        raise EncoderGuardError(f"{name} needs a small clean labelled set; set downstream.clean_fraction")
-    return data.clean
 
 
 @DEFENSES.register("refit-head")
@@ -43,7 +36,7 @@ class RefitHead(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        clean = _clean(data, "refit-head")
+        clean = data.clean_set("refit-head")
         return fit_classifier(clf.encoder, clean, self.weight_decay, self.seed), {}
 
 
@@ -66,7 +59,7 @@ class FinetuneAll(Defense):
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
-        clean = _clean(data, "finetune-all")
+        clean = data.clean_set("finetune-all")
         return finetune_classifier(clf, clean, self.recipe, self.seed, desc="finetune-all"), {}
 
     @property
