@@ -283,3 +283,27 @@ def test_student_noise_blends_the_students_taught_view_and_leaves_the_teachers_c
             assert float(gap.max()) <= 0.5 + 1e-6  # (1 − α)·v + α·u moves a pixel by at most α
     with pytest.raises(ValueError, match="student noise"):
         StudentNoise(alpha=1.5)
+
+
+def test_student_noise_patch_replaces_one_square_and_warp_moves_pixels_smoothly():
+    from encoder_guard.defenses.distill import StudentNoise
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(64, 3, 28, 28)
+    patched = StudentNoise(patch=1.0, patch_side=(0.2, 0.3))(v, g)
+    for before, after in zip(v, patched):
+        rows, cols = (after != before).any(0).nonzero(as_tuple=True)
+        assert len(rows) > 0
+        height, width = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        assert height <= round(0.3 * 28) and width <= round(0.3 * 28)  # inside one square of the drawn side
+        assert len(rows) <= height * width
+    warped = StudentNoise(warp=1.0)(v, g)
+    assert bool(((warped - v).abs().flatten(1).amax(1) > 1e-3).all())
+    smooth = torch.zeros(4, 1, 28, 28) + torch.linspace(0, 1, 28)  # a ramp: a sub-pixel warp keeps it near a ramp
+    assert float((StudentNoise(warp=1.0, warp_strength=1.0)(smooth, g) - smooth).abs().max()) < 0.1
+    kept = StudentNoise(alpha=0.0, patch=0.0, warp=0.0)
+    assert not kept.active and torch.equal(kept(v, g), v)
+    with pytest.raises(ValueError, match="patch_side"):
+        StudentNoise(patch=0.5, patch_side=(0.4, 0.2))
+    with pytest.raises(ValueError, match="warp_strength"):
+        StudentNoise(warp=0.5, warp_strength=0.0)

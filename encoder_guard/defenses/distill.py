@@ -23,9 +23,9 @@ Losses on two augmented views ``v`` of each clean image (student ``s``, teacher 
 - attention ``Σ_l w_l · ‖a(s_l(v)) − a(t_l(v))‖²`` with ``a(F) = normalise(Σ_c F_c²)`` over positions, the
   activation-based attention map of [2] (squared, per-sample L2-normalised), averaged over the batch.
 
-``student_noise`` (:class:`StudentNoise`) blends a share of the student's taught views with uniform noise
-while the teacher's stay clean, so the clone and attention losses teach the student to answer a noisy image
-as the teacher answers the clean one.
+``student_noise`` (:class:`StudentNoise`) perturbs a share of the student's taught views (a noise blend, a
+random square, a smooth random warp) while the teacher's stay clean, so the clone and attention losses teach
+the student to answer a perturbed image as the teacher answers the clean one.
 
 The student trains in train mode (its BatchNorm statistics are learned from the clean data); the teacher
 stays in eval mode. Views use :mod:`encoder_guard.augment`, the pretraining recipe's batched augmentation.
@@ -139,32 +139,92 @@ class Schedule:
 
 @dataclass
 class StudentNoise:
-    """Noise on the student's copy of the taught view: with probability ``p`` a sample is blended with a fresh
-    uniform-noise image, ``(1 − α)·v + α·u`` with ``α ~ U(0, alpha)``, while the teacher sees ``v``.
+    """Perturbations of the student's copy of the taught view, while the teacher sees ``v`` itself.
 
-    The clone and attention losses then ask the student to answer a noisy image as the teacher answers the
-    clean one, so the student learns to ignore low-amplitude noise patterns, and a blended-noise trigger is
-    one (after the augmentation defenses of Borgnia et al., "Strong Data Augmentation Sanitizes Poisoning and
+    - noise blend: with probability ``p`` a sample is blended with a fresh uniform-noise image,
+      ``(1 − α)·v + α·u`` with ``α ~ U(0, alpha)``;
+    - patch: with probability ``patch`` a square of side ``U(patch_side)`` × image side, at a uniform
+      position, is replaced by uniform noise, a flat grey level or a two-level checkerboard;
+    - warp: with probability ``warp`` the sample is resampled along a smooth random field (WaNet's
+      construction: ``k×k`` control points, ``k ∈ {3..6}``, displacement ``U(0, warp_strength)`` in WaNet's
+      units).
+
+    The clone and attention losses then ask the student to answer a perturbed image as the teacher answers
+    the clean one, so the student learns to ignore these perturbations, and a trigger of the same kind is one
+    (after the augmentation defenses of Borgnia et al., "Strong Data Augmentation Sanitizes Poisoning and
     Backdoor Attacks Without an Accuracy Tradeoff", ICASSP 2021, arXiv 2011.09527).
     """
 
     alpha: float = 0.0
     p: float = 0.25
+    patch: float = 0.0
+    patch_side: tuple[float, float] = (0.1, 0.35)
+    warp: float = 0.0
+    warp_strength: float = 3.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.alpha <= 1 or not 0 <= self.p <= 1:
-            raise ValueError(f"student noise alpha and p must be in [0, 1], got {self.alpha} and {self.p}")
+        for name in ("alpha", "p", "patch", "warp"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"student noise {name} must be in [0, 1], got {getattr(self, name)}")
+        lo, hi = self.patch_side
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"student noise patch_side must be 0 < low <= high <= 1, got {self.patch_side}")
+        if self.warp_strength <= 0:
+            raise ValueError(f"student noise warp_strength must be positive, got {self.warp_strength}")
 
     @property
     def active(self) -> bool:
-        return self.alpha * self.p > 0
+        return self.alpha * self.p > 0 or self.patch > 0 or self.warp > 0
 
     def __call__(self, v: Tensor, g: torch.Generator) -> Tensor:
         b = v.shape[0]
-        alpha = torch.rand(b, 1, 1, 1, generator=g, device=v.device) * self.alpha
-        alpha = alpha * (torch.rand(b, 1, 1, 1, generator=g, device=v.device) < self.p)
-        noise = torch.rand(v.shape, generator=g, device=v.device)
-        return (1 - alpha) * v + alpha * noise
+        if self.alpha * self.p > 0:
+            alpha = torch.rand(b, 1, 1, 1, generator=g, device=v.device) * self.alpha
+            alpha = alpha * (torch.rand(b, 1, 1, 1, generator=g, device=v.device) < self.p)
+            noise = torch.rand(v.shape, generator=g, device=v.device)
+            v = (1 - alpha) * v + alpha * noise
+        if self.patch > 0:
+            v = self._patch(v, torch.rand(b, generator=g, device=v.device) < self.patch, g)
+        if self.warp > 0:
+            v = self._warp(v, torch.rand(b, generator=g, device=v.device) < self.warp, g)
+        return v
+
+    def _patch(self, v: Tensor, rows: Tensor, g: torch.Generator) -> Tensor:
+        n, (c, h, w), dev = int(rows.sum()), v.shape[1:], v.device
+        if n == 0:
+            return v
+        lo, hi = self.patch_side
+        side = (lo + (hi - lo) * torch.rand(n, generator=g, device=dev)).mul(min(h, w)).round().clamp_min(1)
+        y0 = (torch.rand(n, generator=g, device=dev) * (h - side + 1)).floor()
+        x0 = (torch.rand(n, generator=g, device=dev) * (w - side + 1)).floor()
+        ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
+        inside = ((ys >= y0.view(-1, 1, 1)) & (ys < (y0 + side).view(-1, 1, 1))
+                  & (xs >= x0.view(-1, 1, 1)) & (xs < (x0 + side).view(-1, 1, 1))).unsqueeze(1)
+        kind = torch.randint(0, 3, (n, 1, 1, 1), generator=g, device=dev)
+        levels = torch.rand(n, c, 1, 2, generator=g, device=dev)
+        checker = ((ys + xs) % 2).unsqueeze(1).to(v.dtype)
+        low, high = levels[..., :1], levels[..., 1:]
+        patterns = torch.where(kind == 0, torch.rand(n, c, h, w, generator=g, device=dev),
+                               torch.where(kind == 1, low.expand(n, c, h, w), low + (high - low) * checker))
+        out = v.clone()
+        out[rows] = torch.where(inside, patterns.to(v.dtype), v[rows])
+        return out
+
+    def _warp(self, v: Tensor, rows: Tensor, g: torch.Generator) -> Tensor:
+        n, h, dev = int(rows.sum()), v.shape[-1], v.device
+        if n == 0:
+            return v
+        k = int(torch.randint(3, 7, (1,), generator=g, device=dev))
+        ins = torch.rand(n, 2, k, k, generator=g, device=dev) * 2 - 1
+        ins = ins / ins.abs().mean(dim=(1, 2, 3), keepdim=True)
+        field = F.interpolate(ins, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        strength = torch.rand(n, 1, 1, 1, generator=g, device=dev) * self.warp_strength
+        identity = F.affine_grid(torch.eye(2, 3, device=dev)[None].expand(n, -1, -1), [n, 1, h, h], align_corners=True)
+        grid = (identity + strength * field / h).clamp(-1, 1)
+        out = v.clone()
+        out[rows] = F.grid_sample(v[rows], grid.to(v.dtype), mode="bilinear", padding_mode="border",
+                                  align_corners=True).clamp(0, 1)
+        return out
 
 
 class Student(nn.Module):
@@ -316,7 +376,7 @@ class Distillation(Defense):
         teacher_augment: overrides of ``augment`` for the second view, which is then the only view the
             teacher's losses see (``None``: both views drawn from ``augment``, both taught).
         clone_space: ``raw`` or ``standardised`` (see the module docstring).
-        student_noise: ``alpha`` and ``p`` of :class:`StudentNoise` (``alpha: 0``: off).
+        student_noise: :class:`StudentNoise` fields (``alpha: 0``, ``patch: 0``, ``warp: 0``: off).
 
     Nested settings (``mi``, ``schedule``, ``augment``, ``teacher_augment``, ``student_noise``) are merged
     over the class's own, so ``schedule: {epochs: 10}`` changes the epochs alone.

@@ -23,8 +23,10 @@ The preset adds to the paper's method, each addition measured on the ``fmnist-ti
 - attention weight 1.5;
 - weak teacher views (``teacher_augment``: crops of at least 90%, no jitter): strong crops of clean images
   already set a backdoored teacher off, and a student taught on them learns the response;
-- noise on a quarter of the student's taught views (``student_noise``: blend weight up to 0.3), so a blended
-  or frequency trigger is not copied through the clone loss;
+- perturbations of the student's taught views while the teacher sees them clean (``student_noise``): a
+  noise blend (weight up to 0.3) on a quarter, a random square (a tenth to a third of the side; noise, flat
+  or checkerboard) on a quarter, a smooth random warp (WaNet's construction, strength up to 3) on half, so a
+  blended, frequency, patch or warping trigger is not copied through the clone loss;
 - NT-Xent at temperature 0.8, Adam 2e-3, batch 128, 80 epochs, and the exponential moving average of the
   student's weights (decay 0.998) returned in its place.
 
@@ -59,7 +61,7 @@ class MIMIC(Distillation):
     ) -> None:
         super().__init__(
             clone=clone, attention=attention, stage_weights=stage_weights, taps=taps, clone_space=clone_space,
-            student_noise=merged({"alpha": 0.3, "p": 0.25}, student_noise),
+            student_noise=merged({"alpha": 0.3, "p": 0.25, "patch": 0.25, "warp": 0.5}, student_noise),
             schedule=merged({"epochs": 80, "batch_size": 128, "lr": 2e-3, "temperature": 0.8, "ema": 0.998}, schedule),
             teacher_augment=merged({"crop_scale": [0.9, 1.0], "jitter_p": 0.0}, teacher_augment),
             **kwargs,
