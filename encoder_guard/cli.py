@@ -134,6 +134,33 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Is the encoder backdoored? Trigger inversion on clean unlabelled images (DECREE or SSL-Cleanse)."""
+    from encoder_guard.config import apply_overrides
+    from encoder_guard.scan.runner import SCAN_DEFAULTS, run_scan
+
+    data = {**SCAN_DEFAULTS["data"], "dataset": args.dataset, "root": args.data_root, "split": args.split,
+            "count": args.count}
+    cfg = apply_overrides({**SCAN_DEFAULTS, "method": args.method, "seed": args.seed, "data": data,
+                           "reference": args.reference, "encoder": str(args.encoder)}, args.set)
+    report = run_scan(_load_encoder(args), cfg, args.out)
+    target = report["suspected_target"]
+    print(f"{'BACKDOOR SUSPECTED' if report['flagged'] else 'no backdoor found'}: {report['method']} score "
+          f"{report['score']:.4g} ({report['rule']})"
+          + (f"; nearest class to the trigger's embedding: {target['class']} ({target['name']})" if target else "")
+          + f"\nreport: {Path(args.out) / 'report.json'}  trigger: {Path(args.out) / 'trigger.png'}")
+    return 0
+
+
+def cmd_scan_population(args: argparse.Namespace) -> int:
+    from encoder_guard.scan.population import load_population_config, report, run_population
+
+    cfg = load_population_config(args.config)
+    paths = report(cfg, run_population(cfg, Path(args.out)), Path(args.out))
+    print(paths["markdown"].read_text())
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from encoder_guard.compare import load_matrix, run_matrix
 
@@ -348,6 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_detect)
+
+    sp = sub.add_parser("scan", help="is this encoder backdoored? trigger inversion on clean unlabelled images")
+    _add_encoder_args(sp)
+    sp.add_argument("--dataset", required=True, help="clean images to scan with (labels, where present, name the target)")
+    sp.add_argument("--data-root", default=None)
+    sp.add_argument("--split", default="test")
+    sp.add_argument("--count", type=int, default=None, help="images drawn from the split (default: all; the scanner "
+                    "samples its own share, 1,000 for both methods)")
+    sp.add_argument("--method", default="decree", help="scanner: decree or ssl-cleanse")
+    sp.add_argument("--reference", default=None, help="clean encoders' scores (JSON) that calibrate the verdict")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. settings.max_epochs=100 or z_threshold=2.5")
+    sp.add_argument("--out", required=True, help="run directory")
+    sp.set_defaults(func=cmd_scan)
+
+    sp = sub.add_parser("scan-population", help="a scanner on clean and backdoored encoders: AUROC, TPR/FPR, reference")
+    sp.add_argument("config", help="population YAML (see configs/scan/)")
+    sp.add_argument("--out", required=True, help="directory of cells (finished ones are reused) and the report")
+    sp.set_defaults(func=cmd_scan_population)
 
     sp = sub.add_parser("compare", help="attacks x defenses x seeds from one YAML: Markdown/CSV table and plot")
     sp.add_argument("matrix", help="matrix YAML (see configs/compare/)")

@@ -20,7 +20,7 @@ CONFIG_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().par
 
 # Sections whose keys are open: the class they configure validates them (an SSL method, EncoderSpec, the
 # view augmentation, an attack, a defense), so a preset states only what differs from the class's defaults.
-OPEN_SECTIONS = ("method", "model", "augment", "attack", "defense")
+OPEN_SECTIONS = ("method", "model", "augment", "attack", "defense", "settings")
 
 
 def resolve_config_path(name_or_path: str | Path, family: str) -> Path:
