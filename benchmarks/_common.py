@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +28,18 @@ def write_result(name: str, data: dict[str, Any], summary_lines: list[str]) -> P
     print("\n".join(summary_lines))
     print(f"→ {path}")
     return path
+
+
+def keep_report(stem: str, paths: dict[str, Path], config: str) -> Path:
+    """Copy a run's report into ``RESULTS/STEM.{md,png,json}`` (the JSON with the machine and the config that
+    made it), and print it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / stem
+    out.with_suffix(".md").write_text(paths["markdown"].read_text())
+    if "plot" in paths:
+        shutil.copyfile(paths["plot"], out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "config": config,
+                                                    **json.loads(paths["json"].read_text())}, indent=2, default=str))
+    print(paths["markdown"].read_text())
+    print(f"→ {out}.md")
+    return out

@@ -10,13 +10,11 @@ report to ``benchmarks/results/heldout_<name>.{md,json,png}`` with the machine t
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine
+from _common import keep_report
 
 from encoder_guard.heldout import load_heldout_config, merge, run_heldout
 
@@ -32,17 +30,8 @@ def main() -> None:
     out = Path(args.runs or f"runs/heldout-{name}")
     if not args.merge:
         run_heldout(cfg, out)
-    summary, paths = merge(cfg, out)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"heldout_{name}"
-    stem.with_suffix(".md").write_text(paths["markdown"].read_text())
-    if "plot" in paths:
-        shutil.copyfile(paths["plot"], stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "config": args.config,
-                                                     **json.loads(paths["json"].read_text())}, indent=2, default=str))
-    print(paths["markdown"].read_text())
-    print(f"→ {stem}.md")
-
+    _, paths = merge(cfg, out)
+    keep_report(f"heldout_{name}", paths, args.config)
 
 if __name__ == "__main__":
     main()

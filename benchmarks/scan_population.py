@@ -10,13 +10,12 @@ dev reference population to ``benchmarks/results/scan_<name>_reference_<method>.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine
+from _common import RESULTS, keep_report
 
 from encoder_guard.scan.population import load_population_config, report, run_population
 
@@ -30,19 +29,10 @@ def main() -> None:
     cfg = load_population_config(args.config)
     out = Path(args.runs or f"runs/scan-{name}")
     paths = report(cfg, run_population(cfg, out), out)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"scan_{name}"
-    stem.with_suffix(".md").write_text(paths["markdown"].read_text())
-    if "plot" in paths:
-        shutil.copyfile(paths["plot"], stem.with_suffix(".png"))
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "config": args.config,
-                                                     **json.loads(paths["json"].read_text())}, indent=2, default=str))
+    keep_report(f"scan_{name}", paths, args.config)
     for key, path in paths.items():
         if key.startswith("reference_"):
             shutil.copyfile(path, RESULTS / f"scan_{name}_{key}.json")
-    print(paths["markdown"].read_text())
-    print(f"→ {stem}.md")
-
 
 if __name__ == "__main__":
     main()

@@ -69,6 +69,7 @@ from encoder_guard.mi.layers import layer_mutual_information, mi_weights
 from encoder_guard.runs import get_logger
 from encoder_guard.threats import DefenseData
 from encoder_guard.training import Step, TrainLoop, cosine_lr, init_distributed
+from encoder_guard.triggers.warp import wanet_grid
 from encoder_guard.utils import PRECISIONS, autocast, resolve_precision, seeded_choice, step_generator
 
 TAPS = ("layer1", "layer2", "layer3", "layer4")
@@ -215,12 +216,8 @@ class StudentNoise:
         if n == 0:
             return v
         k = int(torch.randint(3, 7, (1,), generator=g, device=dev))
-        ins = torch.rand(n, 2, k, k, generator=g, device=dev) * 2 - 1
-        ins = ins / ins.abs().mean(dim=(1, 2, 3), keepdim=True)
-        field = F.interpolate(ins, size=h, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
-        strength = torch.rand(n, 1, 1, 1, generator=g, device=dev) * self.warp_strength
-        identity = F.affine_grid(torch.eye(2, 3, device=dev)[None].expand(n, -1, -1), [n, 1, h, h], align_corners=True)
-        grid = (identity + strength * field / h).clamp(-1, 1)
+        control = torch.rand(n, 2, k, k, generator=g, device=dev) * 2 - 1
+        grid = wanet_grid(control, h, torch.rand(n, 1, 1, 1, generator=g, device=dev) * self.warp_strength)
         out = v.clone()
         out[rows] = F.grid_sample(v[rows], grid.to(v.dtype), mode="bilinear", padding_mode="border",
                                   align_corners=True).clamp(0, 1)

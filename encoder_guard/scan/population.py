@@ -35,7 +35,7 @@ from encoder_guard.config import dump_config, load_config, load_yaml
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.runs import get_logger, log_kept
 from encoder_guard.scan.base import SCANNERS
-from encoder_guard.scan.runner import SCAN_DEFAULTS, run_scan, suspicion
+from encoder_guard.scan.runner import SCAN_DEFAULTS, run_scan, z_score
 
 DEFAULTS: dict[str, Any] = {"seed": 0, "fpr": 0.1, "data": dict(SCAN_DEFAULTS["data"]), "methods": {"decree": {}}}
 SPLITS = ("dev", "test")
@@ -145,10 +145,9 @@ def summarise(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
         if len(dev_clean) < 3:
             raise EncoderGuardError(f"{method}: the dev split holds {len(dev_clean)} clean encoders; the reference "
                                     "population needs at least 3")
-        ref = [suspicion(r["score"], higher) for r in dev_clean]
-        mean, std = statistics.fmean(ref), max(statistics.stdev(ref), 1e-6)
+        reference = [r["score"] for r in dev_clean]
         for r in mine:
-            r["z"] = (suspicion(r["score"], higher) - mean) / std
+            r["z"] = z_score(r["score"], higher, reference)[0]
         dev = [r for r in mine if r["split"] == "dev"]
         threshold = _best_threshold([r["z"] for r in dev if not r["backdoored"]],
                                     [r["z"] for r in dev if r["backdoored"]], float(cfg["fpr"]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,13 @@ def suspicion(score: float, higher_is_suspicious: bool) -> float:
     return score if higher_is_suspicious else -math.log(max(score, 1e-6))
 
 
+def z_score(score: float, higher_is_suspicious: bool, reference: list[float]) -> tuple[float, float, float]:
+    """``(z, mean, std)``: ``score``'s suspicion against the reference scores' (mean and sample std)."""
+    ref = [suspicion(s, higher_is_suspicious) for s in reference]
+    mean, std = statistics.fmean(ref), max(statistics.stdev(ref), 1e-6)
+    return (suspicion(score, higher_is_suspicious) - mean) / std, mean, std
+
+
 def load_reference(path: str | Path, method: str) -> dict[str, Any]:
     """A reference population: ``{"method": NAME, "scores": [...], "encoders": [...]}`` of clean encoders."""
     p = Path(path)
@@ -81,13 +89,11 @@ def verdict(score: float, method: str, reference: dict[str, Any] | None, z_thres
         flagged = score > cut if higher else score < cut
         return {"flagged": flagged, "threshold": cut, "z": None, "calibrated": False,
                 "rule": f"{'score >' if higher else 'score <'} {cut:g} (the paper's rule, uncalibrated)"}
-    ref = torch.tensor([suspicion(s, higher) for s in reference["scores"]], dtype=torch.float64)
-    mean, std = float(ref.mean()), max(float(ref.std()), 1e-6)
-    z = (suspicion(score, higher) - mean) / std
+    z, mean, std = z_score(score, higher, reference["scores"])
     edge = mean + z_threshold * std  # the threshold back on the score's own scale
     cut = edge if higher else math.exp(-edge)
     return {"flagged": z >= z_threshold, "threshold": cut, "z": z, "calibrated": True,
-            "rule": f"z ≥ {z_threshold:g} against {len(ref)} clean encoders "
+            "rule": f"z ≥ {z_threshold:g} against {len(reference['scores'])} clean encoders "
                     f"({'score >' if higher else 'score <'} {cut:.4g})"}
 
 

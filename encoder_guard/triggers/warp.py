@@ -63,8 +63,16 @@ class WarpTrigger(Trigger):
             raise ValueError(f"k (control points per side) must be in [2, {image_size}], got {k}")
         if strength <= 0:
             raise ValueError(f"strength must be positive, got {strength}")
-        ins = torch.rand(1, 2, k, k, generator=seeded(seed)) * 2 - 1
-        ins = ins / ins.abs().mean()
-        noise = F.interpolate(ins, size=image_size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)[0]
-        identity = F.affine_grid(torch.eye(2, 3)[None], [1, 1, image_size, image_size], align_corners=True)[0]
-        return cls((identity + strength * noise / image_size).clamp(-1, 1), channels)
+        control = torch.rand(1, 2, k, k, generator=seeded(seed)) * 2 - 1
+        return cls(wanet_grid(control, image_size, strength)[0], channels)
+
+
+def wanet_grid(control: Tensor, image_size: int, strength: float | Tensor) -> Tensor:
+    """WaNet's sampling grids ``(B, H, H, 2)`` from control points ``(B, 2, k, k)`` in ``[-1, 1]``: each field
+    divided by its mean absolute value, upsampled bicubically, scaled by ``strength / H`` (a float or one per
+    sample, ``(B, 1, 1, 1)``) and added to the identity grid, clamped to ``[-1, 1]``."""
+    control = control / control.abs().mean(dim=(1, 2, 3), keepdim=True)
+    field = F.interpolate(control, size=image_size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    eye = torch.eye(2, 3, device=control.device, dtype=control.dtype)[None].expand(len(control), -1, -1)
+    identity = F.affine_grid(eye, [len(control), 1, image_size, image_size], align_corners=True)
+    return (identity + strength * field / image_size).clamp(-1, 1)
