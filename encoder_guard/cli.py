@@ -445,6 +445,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("encoder-guard: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy a torchrun process group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can be torn down while still joinable, and the
+    process aborts ("terminate called without an active exception") after its work is done.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
