@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-root", default=None)
     sp.add_argument("--split", default="test")
     sp.add_argument("--count", type=int, default=None, help="images drawn from the split (default: all; the scanner "
-                    "samples its own share, 1,000 for both methods)")
-    sp.add_argument("--method", default="decree", help="scanner: decree or ssl-cleanse")
+                    "samples its own share, 1,000 for each method and 500 more for collapse's held-out measure)")
+    sp.add_argument("--method", default="collapse", help="scanner: collapse (default), decree or ssl-cleanse")
     sp.add_argument("--reference", default=None, help="clean encoders' scores (JSON) that calibrate the verdict")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

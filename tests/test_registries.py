@@ -20,6 +20,7 @@ from encoder_guard.defenses import DEFENSES
 from encoder_guard.defenses.runner import build_defense, defend_config, run_defense
 from encoder_guard.encoders import FORMATS, Encoder, load_encoder, save_encoder
 from encoder_guard.mi import MI_ESTIMATORS, build_estimator
+from encoder_guard.scan import SCANNERS, build_scanner
 from encoder_guard.triggers import TRIGGERS, build_trigger, load_trigger, save_trigger
 from pretrain.methods import SSL_METHODS
 from pretrain.trainer import build_method
@@ -28,7 +29,7 @@ from pretrain.trainer import build_method
 SHRINK: dict[str, Any] = {
     "schedule": {"epochs": 1, "batch_size": 32, "checkpoint_every": 1}, "mi": {"samples": 64, "steps": 10},
     "teacher_epochs": 1, "steps": 3, "recover_steps": 2, "epochs": 1, "head_epochs": 1, "score_epochs": 1,
-    "signature_rounds": 1,
+    "signature_rounds": 1, "scan": {"screen_steps": 1, "steps": 2, "stride": 0.5, "samples": 32, "holdout": 16},
 }
 
 
@@ -66,6 +67,22 @@ def test_every_defense_runs_from_its_preset_on_a_tiny_encoder(name, encoder, tri
         assert torch.isfinite(defended(torch.rand(4, 1, 16, 16))).all()
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["data"] == report["data"]
+
+
+# scanner settings that set how long a scan runs, shrunk for a smoke test
+SCAN_SHRINK: dict[str, Any] = {"samples": 32, "max_epochs": 2, "epochs": 2, "warmup_epochs": 1, "knn_samples": 32,
+                               "kmeans_inits": 1, "clusters": 3, "steps": 4, "screen_steps": 2, "holdout": 16,
+                               "stride": 0.5}
+
+
+@pytest.mark.parametrize("name", SCANNERS.names())
+def test_every_scanner_runs_from_its_preset_on_a_tiny_encoder(name, encoder):
+    names = SCANNERS.get(name).setting_names()
+    result = build_scanner(name, **{k: v for k, v in SCAN_SHRINK.items() if k in names}).scan(
+        encoder, torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert result.method == name and result.score == result.score  # a number, not NaN
+    assert result.trigger.mask.shape == (16, 16) and result.trigger.target.shape == (encoder.spec.feature_dim,)
+    json.dumps(result.to_dict())
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())

@@ -18,7 +18,7 @@ from torch import nn
 from encoder_guard.data.synthetic import make_synthetic
 from encoder_guard.encoders import Encoder, make_spec
 from encoder_guard.errors import EncoderGuardError
-from encoder_guard.scan import SCANNERS, Decree, Inversion, ScanResult, SSLCleanse, anomaly_index, build_scanner, knn_labels
+from encoder_guard.scan import SCANNERS, BudgetCollapse, Decree, Inversion, ScanResult, SSLCleanse, anomaly_index, build_scanner, knn_labels
 from encoder_guard.scan.base import mean_pairwise_cosine
 from encoder_guard.scan.decree import _LambdaController
 
@@ -256,6 +256,45 @@ def test_decree_stops_on_its_time_budget():
     assert result.details["stopped"] == "budget" and result.details["epochs"] == 1
 
 
+# ---------------------------------------------------------------- fixed-budget collapse
+
+FAST_COLLAPSE = dict(window=0.25, stride=0.25, samples=64, holdout=32, batch_size=32, screen_batch=16, screen_steps=10,
+                     steps=40, refine=2)
+
+
+def test_collapse_finds_the_corner_window_and_scores_the_backdoor_below_the_plain_encoder(resnet_toy):
+    plain, backdoored, images, _ = resnet_toy
+    clean = BudgetCollapse(**FAST_COLLAPSE).scan(plain, images)
+    bad = BudgetCollapse(**FAST_COLLAPSE).scan(backdoored, images)
+    assert bad.details["probe"].startswith("window@12,12/")  # the window over the corner trigger
+    assert corner_share(bad.trigger.mask) == 1.0 and bad.trigger.size == pytest.approx(16 / 256)
+    assert bad.score < 0.01 < 0.1 < clean.score  # 1 − S: the backdoor collapses, the plain encoder does not
+    assert F.cosine_similarity(bad.trigger.target, backdoored.target, dim=0) > 0.99
+
+
+def test_collapse_windows_cover_the_edges_and_settings_are_checked():
+    scanner = BudgetCollapse(window=0.32, stride=0.11, starts=("ones",))
+    masks = scanner.masks(28, 28)
+    assert masks["blend"].unique().tolist() == [pytest.approx(0.1)]
+    origins = sorted({tuple(map(int, k.split("@")[1].split("/")[0].split(","))) for k in masks if k != "blend"})
+    assert origins[-1] == (19, 19) and (0, 0) in origins and len(origins) == 8 * 8
+    assert all(float(masks[k].sum()) == 81 for k in masks if k != "blend")
+    for bad in ({"window": 0.0, "blend_alpha": 0.0}, {"starts": ("zeros",)}, {"screen_steps": 100}, {"batch_size": 1}):
+        with pytest.raises(ValueError):
+            BudgetCollapse(**bad)
+
+
+def test_collapse_is_deterministic_and_reports_json():
+    torch.manual_seed(0)
+    enc = Encoder(make_spec("resnet10-tiny", in_chans=1, input_size=16)).eval()
+    images = (torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8)
+    a, b = (BudgetCollapse(seed=2, **FAST_COLLAPSE).scan(enc, images) for _ in range(2))
+    assert a.score == b.score and torch.equal(a.trigger.pattern, b.trigger.pattern)
+    record = json.loads(json.dumps(a.to_dict()))
+    assert record["method"] == "collapse" and record["score"] == pytest.approx(1 - a.trigger.success)
+    assert set(record["details"]["similarity"]) >= {"blend", a.details["probe"]}
+
+
 # ---------------------------------------------------------------- SSL-Cleanse
 
 FAST_SSL = dict(samples=96, epochs=20, batch_size=16, knn_samples=64, warmup_epochs=15, kmeans_inits=5,
@@ -319,7 +358,8 @@ def test_scan_command_writes_report_trigger_and_suspected_target(tmp_path, capsy
 
     enc = save_encoder(Encoder(make_spec("resnet10-tiny", input_size=16)), tmp_path / "enc.safetensors")
     out = tmp_path / "scan"
-    fast = ["--set", "settings.max_epochs=2", "--set", "settings.samples=64", "--set", "settings.batch_size=32"]
+    fast = ["--method", "decree", "--set", "settings.max_epochs=2", "--set", "settings.samples=64", "--set",
+            "settings.batch_size=32"]
     assert main(["scan", "--encoder", str(enc), "--dataset", "synthetic", "--out", str(out), *fast]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "decree" and 0 < report["score"] <= 1 and report["calibrated"] is False
@@ -376,7 +416,7 @@ def test_population_fixes_reference_and_threshold_on_dev_and_reports_test(tmp_pa
     assert (out / "cells" / "e0" / "decree" / "report.json").stat().st_mtime_ns == stamp
 
     assert main(["scan", "--encoder", encoders["e3"]["encoder"], "--dataset", "synthetic", "--out", str(tmp_path / "s"),
-                 "--reference", str(paths["reference_decree"]), "--set", "settings.max_epochs=1",
+                 "--method", "decree", "--reference", str(paths["reference_decree"]), "--set", "settings.max_epochs=1",
                  "--set", "settings.samples=32", "--set", "settings.batch_size=16"]) == 0
     scanned = json.loads((tmp_path / "s" / "report.json").read_text())
     assert scanned["calibrated"] and f"z ≥ {reference['z_threshold']:g}" in scanned["rule"]

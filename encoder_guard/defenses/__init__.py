@@ -12,6 +12,7 @@ from encoder_guard.defenses import (  # noqa: F401  (register the defenses)
     purifier,
     purifier_plus,
     ssl_baselines,
+    ssl_cleanse,
     tac,
     yardsticks,
 )

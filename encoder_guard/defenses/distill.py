@@ -53,7 +53,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -136,6 +136,15 @@ class Schedule:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema is a decay in [0, 1) (0: off), not {self.ema}")
+
+
+class ViewPerturbation(Protocol):
+    """What perturbs the student's taught views: ``(views, generator) → views``, off where ``active`` is false."""
+
+    @property
+    def active(self) -> bool: ...
+
+    def __call__(self, v: Tensor, g: torch.Generator) -> Tensor: ...
 
 
 @dataclass
@@ -251,7 +260,7 @@ def distill(
     desc: str = "distill",
     teacher_views: ViewConfig | None = None,
     clone_space: str = "raw",
-    student_noise: StudentNoise | None = None,
+    student_noise: ViewPerturbation | None = None,
     seed: int = 0,
     device: str = "cpu",
 ) -> list[dict[str, float]]:
@@ -471,10 +480,14 @@ class Distillation(Defense):
         report["history"] = distill(student, teacher if needs_teacher else None, data.clean.images, weights,
                                     self._schedule, self._views, out / "checkpoints" / "student.pt", resume,
                                     desc="defend", teacher_views=self._teacher_views, clone_space=self.clone_space,
-                                    student_noise=StudentNoise(**self.student_noise), seed=self.seed, device=self.device)
+                                    student_noise=self.perturbation(), seed=self.seed, device=self.device)
         student.spec.provenance = dict(encoder.spec.provenance)
         report["precision"] = resolve_precision(self._schedule.precision, torch.device(self.device))
         return student, report
+
+    def perturbation(self) -> ViewPerturbation:
+        """What perturbs the student's taught views (``student_noise``; a subclass may put its own in)."""
+        return StudentNoise(**self.student_noise)
 
     def _finetuned_teacher(self, encoder: Encoder, data: DefenseData, out: Path, resume: bool) -> Encoder:
         assert data.clean is not None

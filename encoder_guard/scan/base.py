@@ -223,6 +223,8 @@ class Scanner:
     Class attributes:
         name: the registry name.
         higher_is_suspicious: whether a larger ``score`` means "more likely backdoored".
+        cutoff: the score at which the method flags an encoder when no clean reference population calibrates
+            it; ``cutoff_source`` says where it comes from.
 
     Args:
         seed: seeds every random draw of the scan (same seed and device → same result on CPU).
@@ -234,6 +236,8 @@ class Scanner:
 
     name: ClassVar[str] = ""
     higher_is_suspicious: ClassVar[bool] = False
+    cutoff: ClassVar[float] = math.nan
+    cutoff_source: ClassVar[str] = ""
 
     def __init__(self, seed: int = 0, device: str = "cpu", **settings: Any) -> None:
         if settings:

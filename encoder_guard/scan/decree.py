@@ -168,6 +168,8 @@ class Decree(Scanner):
 
     name = "decree"
     higher_is_suspicious = False
+    cutoff = 0.1
+    cutoff_source = "DECREE's reported cut-off"
 
     def __init__(self, seed: int = 0, device: str = "cpu", samples: int = 1000, batch_size: int = 128,
                  lr: float = 0.5, lr_milestones: tuple[int, int] = (30, 50), thres: float = 0.99,

@@ -11,8 +11,8 @@ little on its own. Given a reference population (``reference``: a JSON file with
 clean encoders, e.g. the population benchmark's ``reference_<method>.json``), the score is turned into a
 z-score against it, in the direction the method calls suspicious (DECREE's PL1 on a log scale, being a size
 fraction), and the encoder is flagged at ``z ≥ z_threshold`` (the reference's own threshold, fixed on the
-population's dev split, unless one is given; 3 where it has none). Without one, the paper's own rule is applied and
-the report says the verdict is uncalibrated.
+population's dev split, unless one is given; 3 where it has none). Without one, the method's own cut-off
+(:attr:`~encoder_guard.scan.base.Scanner.cutoff`) is applied and the report says the verdict is uncalibrated.
 
 **The suspected target.** Where the images carry labels, the class whose mean embedding (L2-normalised) is
 nearest in cosine to the inverted trigger's target embedding.
@@ -34,7 +34,7 @@ from encoder_guard.errors import EncoderGuardError
 from encoder_guard.scan.base import SCANNERS, ScanResult, build_scanner, embed
 
 SCAN_DEFAULTS: dict[str, Any] = {
-    "method": "decree",
+    "method": "collapse",
     "seed": 0,
     "device": "cpu",
     "data": {"dataset": "fashion-mnist", "root": None, "split": "test", "count": None},
@@ -43,10 +43,6 @@ SCAN_DEFAULTS: dict[str, Any] = {
     "z_threshold": None,  # None: the reference's own (fixed on a dev population), else 3
 }
 
-# The papers' own decision rules, used when no reference population is given: DECREE flags a trigger covering
-# under a tenth of the image (PL1 < 0.1, its reported cut-off); SSL-Cleanse follows Neural Cleanse's anomaly
-# index > 2.
-PAPER_RULES: dict[str, float] = {"decree": 0.1, "ssl-cleanse": 2.0}
 
 
 def suspicion(score: float, higher_is_suspicious: bool) -> float:
@@ -66,7 +62,7 @@ def load_reference(path: str | Path, method: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise EncoderGuardError(f"reference population {p} not found; the population benchmark writes one "
-                                "(benchmarks/scan_population.py), or leave --reference out for the paper's rule")
+                                "(benchmarks/scan_population.py), or leave --reference out for the method's own rule")
     try:
         ref = json.loads(p.read_text())
         scores = [float(s) for s in ref["scores"]]
@@ -82,13 +78,14 @@ def load_reference(path: str | Path, method: str) -> dict[str, Any]:
 
 
 def verdict(score: float, method: str, reference: dict[str, Any] | None, z_threshold: float) -> dict[str, Any]:
-    """Flag or clear ``score``: a z-score against ``reference`` when given, else the paper's rule."""
-    higher = SCANNERS.get(method).higher_is_suspicious
+    """Flag or clear ``score``: a z-score against ``reference`` when given, else the method's own cut-off."""
+    cls = SCANNERS.get(method)
+    higher = cls.higher_is_suspicious
     if reference is None:
-        cut = PAPER_RULES[method]
+        cut = cls.cutoff
         flagged = score > cut if higher else score < cut
         return {"flagged": flagged, "threshold": cut, "z": None, "calibrated": False,
-                "rule": f"{'score >' if higher else 'score <'} {cut:g} (the paper's rule, uncalibrated)"}
+                "rule": f"{'score >' if higher else 'score <'} {cut:g} ({cls.cutoff_source}, uncalibrated)"}
     z, mean, std = z_score(score, higher, reference["scores"])
     edge = mean + z_threshold * std  # the threshold back on the score's own scale
     cut = edge if higher else math.exp(-edge)

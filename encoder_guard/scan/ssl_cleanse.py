@@ -223,6 +223,8 @@ class SSLCleanse(Scanner):
 
     name = "ssl-cleanse"
     higher_is_suspicious = True
+    cutoff = 2.0
+    cutoff_source = "Neural Cleanse's anomaly-index rule"
 
     def __init__(self, seed: int = 0, device: str = "cpu", clusters: int = 10, samples: int = 1000, lr: float = 0.1,
                  batch_size: int = 32, epochs: int = 1000, threshold: float = 0.99, lam: float = 0.1,
