@@ -337,11 +337,14 @@ def test_ssl_cleanse_is_deterministic_and_reports_json(template_toy):
 # ---------------------------------------------------------------- the scan command and its verdict
 
 
-def test_verdict_uses_the_papers_rule_without_a_reference_and_a_z_score_with_one():
+def test_verdict_uses_the_methods_own_cutoff_without_a_reference_and_a_z_score_with_one():
     from encoder_guard.scan.runner import verdict
 
     assert verdict(0.05, "decree", None, 3.0)["flagged"] and not verdict(0.2, "decree", None, 3.0)["flagged"]
     assert verdict(2.5, "ssl-cleanse", None, 3.0)["flagged"] and not verdict(1.5, "ssl-cleanse", None, 3.0)["calibrated"]
+    collapse = verdict(0.05, "collapse", None, 3.0)
+    assert collapse["flagged"] and collapse["threshold"] == 0.09 and "dev population" in collapse["rule"]
+    assert not verdict(0.12, "collapse", None, 3.0)["flagged"]
     ref = {"scores": [0.30, 0.25, 0.35, 0.28]}  # clean encoders' PL1
     small, usual = verdict(0.02, "decree", ref, 3.0), verdict(0.29, "decree", ref, 3.0)
     assert small["calibrated"] and small["flagged"] and small["z"] > 3  # a much smaller trigger than any clean one
