@@ -38,7 +38,7 @@ from encoder_guard.encoders import Encoder
 from encoder_guard.runs import get_logger
 from encoder_guard.scan import build_scanner
 from encoder_guard.threats import DefenseData
-from encoder_guard.triggers import PatchTrigger, Trigger, load_trigger
+from encoder_guard.triggers import Trigger, load_trigger
 
 
 class TriggerStamp:
@@ -123,4 +123,4 @@ class SSLCleanse(Distillation):
         inv = result.trigger
         get_logger().info(f"{self.scanner}: inverted a trigger of size {inv.size:.4f} (success {inv.success:.3f})")
         scan = {"scanner": self.scanner, "score": result.score, "seconds": result.seconds, "trigger": inv.summary()}
-        return PatchTrigger(inv.mask[None].cpu(), inv.pattern.cpu()), {"scan": scan}
+        return inv.as_trigger(), {"scan": scan}

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.registry import Registry
+from encoder_guard.triggers import PatchTrigger
 
 
 def as_float_images(images: Tensor) -> Tensor:
@@ -136,6 +137,10 @@ class Inversion:
         """Stamp ``x`` (``(B, C, H, W)``, ``uint8`` or float in ``[0, 1]``): float images in ``[0, 1]``, same shape."""
         x = as_float_images(x)
         return stamp(x, self.mask.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype))
+
+    def as_trigger(self) -> PatchTrigger:
+        """The trigger as a file-backed patch trigger, which ``evaluate --trigger`` and the defenses read."""
+        return PatchTrigger(self.mask[None].detach().cpu(), self.pattern.detach().cpu())
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers that describe the trigger (its tensors are summarised, not dumped)."""

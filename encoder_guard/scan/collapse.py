@@ -115,8 +115,9 @@ class BudgetCollapse(Scanner):
         patterns = {k: (torch.ones(c, h, w) if k.endswith("/ones") else torch.rand(c, h, w, generator=g)).to(images.device)
                     for k in masks}
         windows = [k for k in masks if k != "blend"]
-        bar = tqdm(total=len(windows) * self.screen_steps + min(self.refine, len(windows)) * (self.steps - self.screen_steps)
-                   + (self.steps if "blend" in masks else 0), desc="collapse", unit="step", leave=False, mininterval=1.0)
+        total = (len(windows) * self.screen_steps + min(self.refine, len(windows)) * (self.steps - self.screen_steps)
+                 + (self.steps if "blend" in masks else 0))
+        bar = tqdm(total=total, desc="collapse", unit="step", leave=False, mininterval=1.0)
         screened = {k: self._optimise(encoder, fit, masks[k], patterns[k], self.screen_steps, self.screen_batch, g, bar)
                     for k in windows}
         best = sorted(windows, key=lambda k: -screened[k])[: self.refine]
@@ -126,14 +127,12 @@ class BudgetCollapse(Scanner):
             self._optimise(encoder, fit, masks["blend"], patterns["blend"], self.steps, self.batch_size, g, bar)
             best = ["blend", *best]
         bar.close()
-        with torch.no_grad():
-            held_s = {k: float(mean_pairwise_cosine(embed(encoder, stamp(held, masks[k], patterns[k])))) for k in best}
+        held_z = {k: embed(encoder, stamp(held, masks[k], patterns[k])) for k in best}
+        held_s = {k: float(mean_pairwise_cosine(z)) for k, z in held_z.items()}
         deciding = max(held_s, key=lambda k: held_s[k])
         score = 1.0 - held_s[deciding]
         mask, pattern = masks[deciding], patterns[deciding]
-        target = unit_mean(embed(encoder, stamp(held, mask, pattern)))
-        trigger = Inversion(mask, pattern, float(mask.mean()), held_s[deciding], target,
-                            (len(windows) * self.screen_steps + len(best) * self.steps))
+        trigger = Inversion(mask, pattern, float(mask.mean()), held_s[deciding], unit_mean(held_z[deciding]), total)
         details = {"residual": score, "probe": deciding, "similarity": held_s,
                    "screened": {k: round(v, 4) for k, v in screened.items()}, "images": n_fit, "holdout": len(held),
                    "clean_similarity": float(mean_pairwise_cosine(embed(encoder, held)))}

@@ -128,7 +128,7 @@ def run_scan(encoder: Any, cfg: dict[str, Any], out: str | Path) -> dict[str, An
     from safetensors.torch import save_file
 
     from encoder_guard.runs import RunDir
-    from encoder_guard.triggers import PatchTrigger, save_trigger
+    from encoder_guard.triggers import save_trigger
     from encoder_guard.triggers.show import trigger_picture
 
     method = cfg["method"]
@@ -144,7 +144,7 @@ def run_scan(encoder: Any, cfg: dict[str, Any], out: str | Path) -> dict[str, An
         z_threshold = (reference or {}).get("z_threshold", 3.0)
     decision = verdict(result.score, method, reference, float(z_threshold))
     inv = result.trigger
-    trigger = PatchTrigger(inv.mask[None].cpu(), inv.pattern.cpu())
+    trigger = inv.as_trigger()
     save_trigger(trigger, run.file("trigger.safetensors"))
     save_file({"target": inv.target.detach().cpu().contiguous()}, str(run.file("target_embedding.safetensors")))
     picture = trigger_picture(trigger, run.file("trigger.png"), cfg["data"]["dataset"], cfg["data"].get("root"))
