@@ -95,10 +95,15 @@ def test_anp_learns_masks_prunes_and_leaves_the_input_classifier_alone(setting):
     result = ANP(steps=5, threshold=0.99)(clf, data, None)  # a high threshold makes pruning certain
     rep = result.report
     assert rep["neurons"] > 0 and 0 < rep["pruned_neurons"] <= rep["neurons"]
-    bns = [m for m in result.model.encoder.backbone.layer4.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [m for m in result.model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert rep["neurons"] == sum(b.num_features for b in bns)  # the whole network's, as in the paper
     assert sum(int((b.weight == 0).sum()) for b in bns) >= rep["pruned_neurons"]
-    for k, v in clf.state_dict().items():
+    for k, v in clf.state_dict().items():  # BatchNorm statistics included: the masks learn in training mode
         assert torch.equal(v, before[k])
+    gammas = {f"{n}.weight" for n, m in result.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for k, v in result.model.state_dict().items():  # only BatchNorm weights are pruned; statistics put back
+        if k not in gammas:
+            assert torch.equal(v, before[k]), k
     assert not any(m._forward_hooks for m in result.model.modules())  # perturbation hooks removed
     x = torch.rand(4, 1, 16, 16)
     assert torch.isfinite(result.model(x)).all()
@@ -108,3 +113,14 @@ def test_anp_prune_ratio_prunes_that_share_of_neurons(setting):
     clf, data = setting
     rep = ANP(steps=3, prune_ratio=0.1)(clf, data, None).report
     assert rep["pruned_neurons"] == int(0.1 * rep["neurons"])
+    last = ANP(steps=3, layers="layer3", prune_ratio=0.1)(clf, data, None).report
+    assert 0 < last["neurons"] < rep["neurons"]
+
+
+def test_anp_uses_the_papers_share_of_clean_data(setting):
+    clf, data = setting
+    assert ANP(steps=1)(clf, data, None).report["data"]["images"] == round(0.01 * len(data.train))
+    with pytest.raises(ValueError, match="data_fraction"):
+        ANP(data_fraction=0)
+    with pytest.raises(ValueError, match="layers"):
+        ANP(layers="conv9")

@@ -1,18 +1,23 @@
-"""ANP: adversarial neuron pruning.
+"""ANP: adversarial neuron pruning, as its official code runs it.
 
 - [0] Adversarial Neuron Pruning Purifies Backdoored Deep Models, Dongxian Wu and Yisen Wang, NeurIPS 2021,
-  arXiv 2110.14430
+  arXiv 2110.14430 (official code: github.com/csdongxian/ANP_backdoor)
 
 Backdoor neurons are the ones whose small multiplicative perturbation collapses the model onto a class:
 under adversarial perturbation of each neuron's gain and bias (relative size ``eps``), a backdoored
 network starts predicting the target on clean inputs. ANP learns a mask ``m ∈ [0, 1]`` per neuron
-(BatchNorm channel) that keeps clean loss low both unperturbed and under the worst perturbation,
+(BatchNorm channel) of the whole network that keeps the clean loss low both unperturbed and under the
+worst perturbation,
 
-    min_m  α · L(m, 0) + (1 − α) · max_{|δ|,|ξ| ≤ ε} L(m + δ, 1 + ξ),
+    min_m  α · L(m, 0) + (1 − α) · max_{δ, ξ} L(m + δ, 1 + ξ),
 
-and prunes the neurons whose mask falls below ``threshold``. Here the neurons are the BatchNorm
-channels of the stages after ``layers`` (the encoder's last stage by default), optimised on cached
-activations of a small clean labelled set.
+and prunes the neurons whose mask falls below ``threshold`` by zeroing their BatchNorm weight.
+
+As in the official code: the perturbation starts uniform in ``[−ε, ε]`` and takes one signed gradient step of
+size ``ε``; the network is in training mode while the masks are learnt (BatchNorm normalises with the batch's
+statistics, which the official code lets drift and then discards by pruning the saved weights; here they are
+put back); the views are random crops of the image zero-padded by 4 pixels; the clean data is 1% of the
+training set; pruning zeroes the weight (γ) only, so a pruned neuron outputs its bias.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import trange
 
 from downstream.classifier import Classifier
+from downstream.finetune import light_augment
+from encoder_guard.data import take_subset
 from encoder_guard.defenses.base import DEFENSES, Defense
-from encoder_guard.defenses.tail import Tail
+from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
 
@@ -50,78 +58,109 @@ class _Perturb:
         return gain.view(1, -1, 1, 1) * (y - beta) + shift.view(1, -1, 1, 1) * beta
 
 
+def _neurons(clf: Classifier, layers: str | None) -> list[nn.BatchNorm2d]:
+    """The BatchNorm layers whose channels are ANP's neurons: the whole encoder, or the stages after ``layers``."""
+    root: list[nn.Module] = [clf.encoder]
+    if layers is not None:
+        root = [clf.encoder.backbone.get_submodule(m) for m in TAP_MODULES[TAP_NAMES.index(layers) + 1 :]]
+    return [m for r in root for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 @DEFENSES.register("anp")
 class ANP(Defense):
     """Args:
-        layers: the tap after which the stages' BatchNorm channels are the neurons (default ``layer3``).
+        layers: ``None`` (every BatchNorm channel of the network, the paper's) or a tap after which the stages'
+            channels are the neurons.
         eps: relative size of the adversarial perturbation; alpha: weight of the unperturbed loss.
-        steps / lr / batch_size: mask optimisation (SGD on the mask, one signed ascent step on δ, ξ).
-        threshold: neurons with mask below it are pruned (γ and β set to zero).
+        steps / lr / batch_size: mask optimisation (SGD with momentum 0.9 on the masks, one signed ascent step on
+            δ, ξ per batch).
+        data_fraction: the share of the downstream training set the masks are learnt on, drawn from the clean
+            labelled share (the paper's 1%).
+        pad / hflip_p: the views (a random crop of the zero-padded image, a horizontal flip).
+        threshold: neurons with mask below it are pruned (their BatchNorm weight set to zero).
         prune_ratio: prune this share of the neurons with the lowest masks instead (the paper's other rule).
     """
 
     level = "classifier"
-    needs = "5% clean labelled images of the downstream training set"
+    needs = "1% clean labelled images of the downstream training set"
 
-    def __init__(self, layers: str = "layer3", eps: float = 0.4, alpha: float = 0.2, steps: int = 300,
-                 lr: float = 0.2, batch_size: int = 128, threshold: float = 0.2, prune_ratio: float | None = None,
-                 seed: int = 0, device: str = "cpu") -> None:
+    def __init__(self, layers: str | None = None, eps: float = 0.4, alpha: float = 0.2, steps: int = 2000,
+                 lr: float = 0.2, batch_size: int = 128, data_fraction: float = 0.01, pad: int = 4,
+                 hflip_p: float = 0.0, threshold: float = 0.2, prune_ratio: float | None = None, seed: int = 0,
+                 device: str = "cpu") -> None:
         super().__init__(seed, device)
+        if steps < 1 or batch_size < 1 or lr <= 0 or eps < 0 or not 0 <= alpha <= 1 or not 0 < data_fraction <= 1:
+            raise ValueError("steps, batch_size and lr must be positive, eps non-negative, alpha in [0, 1] and "
+                             "data_fraction in (0, 1]")
+        if layers is not None and layers not in TAP_NAMES[:-1]:
+            raise ValueError(f"layers must be None (the whole network) or one of {', '.join(TAP_NAMES[:-1])}")
         self.layers, self.eps, self.alpha, self.steps, self.lr = layers, eps, alpha, steps, lr
-        self.batch_size, self.threshold, self.prune_ratio = batch_size, threshold, prune_ratio
+        self.batch_size, self.data_fraction, self.pad, self.hflip_p = batch_size, data_fraction, pad, hflip_p
+        self.threshold, self.prune_ratio = threshold, prune_ratio
 
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
         clean = data.clean_set("ANP")
-        tail = Tail(clf, self.layers)
-        h, y = tail.inputs(clean.images), clean.labels.long()
-        for p in clf.parameters():
-            p.requires_grad_(False)
-        hooks = [_Perturb(m) for s in tail.stages() for m in s.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not hooks:
-            raise EncoderGuardError(f"no BatchNorm channels after {self.layers}; choose an earlier tap")
+        count = min(len(clean), max(1, round(self.data_fraction * len(data.train))))
+        clean = take_subset(clean, None, count, False, self.seed)
+        bns = _neurons(clf, self.layers)
+        if not bns:
+            raise EncoderGuardError(f"no BatchNorm channels after {self.layers}; choose an earlier tap or None")
+        masks = self._learn_masks(clf, bns, clean.images, clean.labels.long())
+        with torch.no_grad():
+            flat = torch.cat(masks)
+            if self.prune_ratio is None:
+                off = flat < self.threshold
+            else:  # a fixed share: the lowest masks, ties broken by order
+                off = torch.zeros(len(flat), dtype=torch.bool)
+                off[flat.argsort(stable=True)[: int(self.prune_ratio * len(flat))]] = True
+            for bn, o in zip(bns, off.split([b.num_features for b in bns])):
+                bn.weight[o] = 0
+        return clf, {"data": {**data.usage(), "images": count}, "neurons": len(flat), "pruned_neurons": int(off.sum()),
+                     "mask_quantiles": {str(q): float(flat.quantile(q)) for q in (0.01, 0.1, 0.5)}}
+
+    def _learn_masks(self, clf: Classifier, bns: list[nn.BatchNorm2d], images: Tensor, y: Tensor) -> list[Tensor]:
+        """ANP's mask optimisation; the classifier's weights and BatchNorm statistics are left as they were."""
+        stats = [{name: buf.clone() for name, buf in b.named_buffers()} for b in bns]
+        hooks = [_Perturb(b) for b in bns]
         opt = torch.optim.SGD([k.mask for k in hooks], lr=self.lr, momentum=0.9)
         g = torch.Generator().manual_seed(self.seed)
+        noise = [p for k in hooks for p in (k.delta, k.xi)]
         try:
-            for _ in range(self.steps):
-                idx = torch.randint(len(h), (min(self.batch_size, len(h)),), generator=g)
-                # inner maximisation: one signed step to the edge of the ε-box, from a random start
-                for k in hooks:
+            clf.train()
+            bar = trange(self.steps, desc="ANP masks", unit="step", leave=False, mininterval=1.0)
+            for _ in bar:
+                idx = torch.randint(len(images), (min(self.batch_size, len(images)),), generator=g)
+                x = light_augment(images[idx].float().div(255), self.pad, self.hflip_p, g)
+                for k in hooks:  # inner maximisation: one signed step of size ε from a random start
                     with torch.no_grad():
                         k.delta.uniform_(-self.eps, self.eps, generator=g)
                         k.xi.uniform_(-self.eps, self.eps, generator=g)
                     k.perturb = True
-                adv = F.cross_entropy(tail.logits(h[idx]), y[idx])
-                grads = torch.autograd.grad(-adv, [p for k in hooks for p in (k.delta, k.xi)])
+                grads = torch.autograd.grad(F.cross_entropy(clf(x), y[idx]), noise)
                 with torch.no_grad():
-                    for i, k in enumerate(hooks):
-                        k.delta.sub_(self.eps * grads[2 * i].sign()).clamp_(-self.eps, self.eps)
-                        k.xi.sub_(self.eps * grads[2 * i + 1].sign()).clamp_(-self.eps, self.eps)
-                loss_adv = F.cross_entropy(tail.logits(h[idx]), y[idx])
+                    for p, grad in zip(noise, grads):
+                        p.add_(self.eps * grad.sign())
+                loss_adv = F.cross_entropy(clf(x), y[idx])
                 for k in hooks:
                     k.perturb = False
-                loss_nat = F.cross_entropy(tail.logits(h[idx]), y[idx])
+                loss_nat = F.cross_entropy(clf(x), y[idx])
                 loss = self.alpha * loss_nat + (1 - self.alpha) * loss_adv
+                if not torch.isfinite(loss):
+                    raise EncoderGuardError("ANP's mask loss is not finite; lower defense.lr or defense.eps")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                bar.set_postfix(natural=f"{float(loss_nat):.3f}", perturbed=f"{float(loss_adv):.3f}", refresh=False)
                 with torch.no_grad():
                     for k in hooks:
                         k.mask.clamp_(0, 1)
         finally:
+            clf.eval()
             for k in hooks:
                 k.handle.remove()
-        pruned = 0
-        with torch.no_grad():
-            masks = torch.cat([k.mask for k in hooks])
-            if self.prune_ratio is None:
-                offs = (masks < self.threshold).split([k.bn.num_features for k in hooks])
-            else:  # prune a fixed share: the lowest masks, ties broken by order
-                flat = torch.zeros(len(masks), dtype=torch.bool)
-                flat[masks.argsort(stable=True)[: int(self.prune_ratio * len(masks))]] = True
-                offs = flat.split([k.bn.num_features for k in hooks])
-            for k, off in zip(hooks, offs):
-                k.bn.weight[off] = 0
-                k.bn.bias[off] = 0
-                pruned += int(off.sum())
-        return clf, {"neurons": sum(k.bn.num_features for k in hooks), "pruned_neurons": pruned}
+            with torch.no_grad():
+                for b, saved in zip(bns, stats):
+                    for name, buf in b.named_buffers():
+                        buf.copy_(saved[name])
+        return [k.mask.detach() for k in hooks]
