@@ -124,3 +124,26 @@ def test_anp_uses_the_papers_share_of_clean_data(setting):
         ANP(data_fraction=0)
     with pytest.raises(ValueError, match="layers"):
         ANP(layers="conv9")
+
+
+def test_anp_resumes_after_an_interrupt_to_the_same_pruning(setting, tmp_path, monkeypatch):
+    import encoder_guard.defenses.anp as anp
+
+    clf, data = setting
+    full = ANP(steps=6, prune_ratio=0.2)(clf, data, tmp_path / "full").model
+    real, calls = anp.light_augment, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anp, "light_augment", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        ANP(steps=6, prune_ratio=0.2)(clf, data, tmp_path / "cut")
+    assert (tmp_path / "cut" / "checkpoints" / "anp.pt").is_file()
+    monkeypatch.setattr(anp, "light_augment", real)
+    resumed = ANP(steps=6, prune_ratio=0.2)(clf, data, tmp_path / "cut", resume=True).model
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -17,18 +17,19 @@ As in the official code: the perturbation starts uniform in ``[−ε, ε]`` and 
 size ``ε``; the network is in training mode while the masks are learnt (BatchNorm normalises with the batch's
 statistics, which the official code lets drift and then discards by pruning the saved weights; here they are
 put back); the views are random crops of the image zero-padded by 4 pixels; the clean data is 1% of the
-training set; pruning zeroes the weight (γ) only, so a pruned neuron outputs its bias.
+training set; pruning zeroes the weight (γ) only, so a pruned neuron outputs its bias. The masks learn in
+:class:`~encoder_guard.training.TrainLoop` (progress, NaN guard, checkpoints and resume).
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import trange
 
 from downstream.classifier import Classifier
 from downstream.finetune import light_augment
@@ -37,6 +38,7 @@ from encoder_guard.defenses.base import DEFENSES, Defense
 from encoder_guard.encoders.encoder import TAP_MODULES, TAP_NAMES
 from encoder_guard.errors import EncoderGuardError
 from encoder_guard.threats import DownstreamData
+from encoder_guard.training import Step, TrainLoop
 
 
 class _Perturb:
@@ -45,7 +47,7 @@ class _Perturb:
     def __init__(self, bn: nn.BatchNorm2d) -> None:
         c = bn.num_features
         self.bn = bn
-        self.mask = torch.ones(c, requires_grad=True)
+        self.mask = nn.Parameter(torch.ones(c))
         self.delta = torch.zeros(c, requires_grad=True)
         self.xi = torch.zeros(c, requires_grad=True)
         self.perturb = False
@@ -101,12 +103,15 @@ class ANP(Defense):
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
         clean = data.clean_set("ANP")
+        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
+            with tempfile.TemporaryDirectory() as tmp:
+                return self.defend(clf, data, Path(tmp), False)
         count = min(len(clean), max(1, round(self.data_fraction * len(data.train))))
         clean = take_subset(clean, None, count, False, self.seed)
         bns = _neurons(clf, self.layers)
         if not bns:
             raise EncoderGuardError(f"no BatchNorm channels after {self.layers}; choose an earlier tap or None")
-        masks = self._learn_masks(clf, bns, clean.images, clean.labels.long())
+        masks = self._learn_masks(clf, bns, clean.images, clean.labels.long(), out, resume)
         with torch.no_grad():
             flat = torch.cat(masks)
             if self.prune_ratio is None:
@@ -119,42 +124,49 @@ class ANP(Defense):
         return clf, {"data": {**data.usage(), "images": count}, "neurons": len(flat), "pruned_neurons": int(off.sum()),
                      "mask_quantiles": {str(q): float(flat.quantile(q)) for q in (0.01, 0.1, 0.5)}}
 
-    def _learn_masks(self, clf: Classifier, bns: list[nn.BatchNorm2d], images: Tensor, y: Tensor) -> list[Tensor]:
-        """ANP's mask optimisation; the classifier's weights and BatchNorm statistics are left as they were."""
+    def _learn_masks(self, clf: Classifier, bns: list[nn.BatchNorm2d], images: Tensor, y: Tensor,
+                     out: Path, resume: bool) -> list[Tensor]:
+        """ANP's mask optimisation, resumable from ``out/checkpoints/anp.pt``; the classifier's weights and
+        BatchNorm statistics are left as they were."""
         stats = [{name: buf.clone() for name, buf in b.named_buffers()} for b in bns]
         hooks = [_Perturb(b) for b in bns]
-        opt = torch.optim.SGD([k.mask for k in hooks], lr=self.lr, momentum=0.9)
-        g = torch.Generator().manual_seed(self.seed)
+        masks = nn.ParameterList([k.mask for k in hooks])  # what the loop checkpoints
         noise = [p for k in hooks for p in (k.delta, k.xi)]
+        batch = min(self.batch_size, len(images))
+
+        def step(_rows: Tensor, at: Step) -> tuple[Tensor, dict[str, float]]:
+            clf.train()  # batch statistics, as in the official code
+            idx = torch.randint(len(images), (batch,), generator=at.generator)  # drawn with replacement
+            x = light_augment(images[idx].float().div(255), self.pad, self.hflip_p, at.generator)
+            for k in hooks:  # inner maximisation: one signed step of size ε from a random start
+                with torch.no_grad():
+                    k.delta.uniform_(-self.eps, self.eps, generator=at.generator)
+                    k.xi.uniform_(-self.eps, self.eps, generator=at.generator)
+                k.perturb = True
+            grads = torch.autograd.grad(F.cross_entropy(clf(x), y[idx]), noise)
+            with torch.no_grad():
+                for p, grad in zip(noise, grads):
+                    p.add_(self.eps * grad.sign())
+            loss_adv = F.cross_entropy(clf(x), y[idx])
+            for k in hooks:
+                k.perturb = False
+            loss_nat = F.cross_entropy(clf(x), y[idx])
+            loss = self.alpha * loss_nat + (1 - self.alpha) * loss_adv
+            return loss, {"natural": float(loss_nat), "perturbed": float(loss_adv)}
+
+        def clip(_step: int, _total: int) -> None:
+            with torch.no_grad():
+                for m in masks:
+                    m.clamp_(0, 1)
+
+        # an "epoch" is a block of up to 100 batches (the official code reports every 500), so the log stays short
+        per_block = next(d for d in range(min(100, self.steps), 0, -1) if self.steps % d == 0)
+        loop = TrainLoop(masks, torch.optim.SGD(masks.parameters(), lr=self.lr, momentum=0.9),
+                         epochs=self.steps // per_block, batch_size=batch, seed=self.seed,
+                         checkpoint=out / "checkpoints" / "anp.pt", on_step_end=clip, desc="ANP masks",
+                         advice="lower ANP's learning rate or perturbation (defense.lr, defense.eps)")
         try:
-            clf.train()
-            bar = trange(self.steps, desc="ANP masks", unit="step", leave=False, mininterval=1.0)
-            for _ in bar:
-                idx = torch.randint(len(images), (min(self.batch_size, len(images)),), generator=g)
-                x = light_augment(images[idx].float().div(255), self.pad, self.hflip_p, g)
-                for k in hooks:  # inner maximisation: one signed step of size ε from a random start
-                    with torch.no_grad():
-                        k.delta.uniform_(-self.eps, self.eps, generator=g)
-                        k.xi.uniform_(-self.eps, self.eps, generator=g)
-                    k.perturb = True
-                grads = torch.autograd.grad(F.cross_entropy(clf(x), y[idx]), noise)
-                with torch.no_grad():
-                    for p, grad in zip(noise, grads):
-                        p.add_(self.eps * grad.sign())
-                loss_adv = F.cross_entropy(clf(x), y[idx])
-                for k in hooks:
-                    k.perturb = False
-                loss_nat = F.cross_entropy(clf(x), y[idx])
-                loss = self.alpha * loss_nat + (1 - self.alpha) * loss_adv
-                if not torch.isfinite(loss):
-                    raise EncoderGuardError("ANP's mask loss is not finite; lower defense.lr or defense.eps")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                bar.set_postfix(natural=f"{float(loss_nat):.3f}", perturbed=f"{float(loss_adv):.3f}", refresh=False)
-                with torch.no_grad():
-                    for k in hooks:
-                        k.mask.clamp_(0, 1)
+            loop.run(step, per_block * batch, resume=resume)
         finally:
             clf.eval()
             for k in hooks:
@@ -163,4 +175,4 @@ class ANP(Defense):
                 for b, saved in zip(bns, stats):
                     for name, buf in b.named_buffers():
                         buf.copy_(saved[name])
-        return [k.mask.detach() for k in hooks]
+        return [m.detach() for m in masks]
