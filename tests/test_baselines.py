@@ -113,8 +113,12 @@ def test_anp_prune_ratio_prunes_that_share_of_neurons(setting):
     clf, data = setting
     rep = ANP(steps=3, prune_ratio=0.1)(clf, data, None).report
     assert rep["pruned_neurons"] == int(0.1 * rep["neurons"])
-    last = ANP(steps=3, layers="layer3", prune_ratio=0.1)(clf, data, None).report
-    assert 0 < last["neurons"] < rep["neurons"]
+    last = ANP(steps=3, layers="layer3", prune_ratio=0.1)(clf, data, None)
+    assert 0 < last.report["neurons"] < rep["neurons"]
+    before = clf.state_dict()
+    for k, v in last.model.state_dict().items():  # the earlier stages' BatchNorm statistics are put back too
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(v, before[k]), k
 
 
 def test_anp_uses_the_papers_share_of_clean_data(setting):
@@ -124,6 +128,8 @@ def test_anp_uses_the_papers_share_of_clean_data(setting):
         ANP(data_fraction=0)
     with pytest.raises(ValueError, match="layers"):
         ANP(layers="conv9")
+    with pytest.raises(ValueError, match="prune_ratio"):
+        ANP(prune_ratio=-0.1)
 
 
 def test_anp_resumes_after_an_interrupt_to_the_same_pruning(setting, tmp_path, monkeypatch):
@@ -143,7 +149,14 @@ def test_anp_resumes_after_an_interrupt_to_the_same_pruning(setting, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         ANP(steps=6, prune_ratio=0.2)(clf, data, tmp_path / "cut")
     assert (tmp_path / "cut" / "checkpoints" / "anp.pt").is_file()
-    monkeypatch.setattr(anp, "light_augment", real)
+    resumed_calls = {"n": 0}
+
+    def counting(*args, **kwargs):
+        resumed_calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anp, "light_augment", counting)
     resumed = ANP(steps=6, prune_ratio=0.2)(clf, data, tmp_path / "cut", resume=True).model
+    assert resumed_calls["n"] == 3  # the three steps left, not a restart
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k

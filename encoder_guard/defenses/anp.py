@@ -11,7 +11,7 @@ worst perturbation,
 
     min_m  α · L(m, 0) + (1 − α) · max_{δ, ξ} L(m + δ, 1 + ξ),
 
-and prunes the neurons whose mask falls below ``threshold`` by zeroing their BatchNorm weight.
+and prunes the neurons whose mask is at most ``threshold`` by zeroing their BatchNorm weight.
 
 As in the official code: the perturbation starts uniform in ``[−ε, ε]`` and takes one signed gradient step of
 size ``ε``; the network is in training mode while the masks are learnt (BatchNorm normalises with the batch's
@@ -79,7 +79,7 @@ class ANP(Defense):
         data_fraction: the share of the downstream training set the masks are learnt on, drawn from the clean
             labelled share (the paper's 1%).
         pad / hflip_p: the views (a random crop of the zero-padded image, a horizontal flip).
-        threshold: neurons with mask below it are pruned (their BatchNorm weight set to zero).
+        threshold: neurons with mask at or below it are pruned (their BatchNorm weight set to zero).
         prune_ratio: prune this share of the neurons with the lowest masks instead (the paper's other rule).
     """
 
@@ -94,6 +94,10 @@ class ANP(Defense):
         if steps < 1 or batch_size < 1 or lr <= 0 or eps < 0 or not 0 <= alpha <= 1 or not 0 < data_fraction <= 1:
             raise ValueError("steps, batch_size and lr must be positive, eps non-negative, alpha in [0, 1] and "
                              "data_fraction in (0, 1]")
+        if not 0 <= threshold <= 1 or (prune_ratio is not None and not 0 <= prune_ratio <= 1):
+            raise ValueError("threshold and prune_ratio are shares of the mask range and of the neurons: in [0, 1]")
+        if pad < 0 or not 0 <= hflip_p <= 1:
+            raise ValueError(f"pad must be >= 0 and hflip_p in [0, 1] (got {pad}, {hflip_p})")
         if layers is not None and layers not in TAP_NAMES[:-1]:
             raise ValueError(f"layers must be None (the whole network) or one of {', '.join(TAP_NAMES[:-1])}")
         self.layers, self.eps, self.alpha, self.steps, self.lr = layers, eps, alpha, steps, lr
@@ -115,7 +119,7 @@ class ANP(Defense):
         with torch.no_grad():
             flat = torch.cat(masks)
             if self.prune_ratio is None:
-                off = flat < self.threshold
+                off = flat <= self.threshold  # the official pruning script's test
             else:  # a fixed share: the lowest masks, ties broken by order
                 off = torch.zeros(len(flat), dtype=torch.bool)
                 off[flat.argsort(stable=True)[: int(self.prune_ratio * len(flat))]] = True
@@ -128,7 +132,7 @@ class ANP(Defense):
                      out: Path, resume: bool) -> list[Tensor]:
         """ANP's mask optimisation, resumable from ``out/checkpoints/anp.pt``; the classifier's weights and
         BatchNorm statistics are left as they were."""
-        stats = [{name: buf.clone() for name, buf in b.named_buffers()} for b in bns]
+        stats = {name: buf.clone() for name, buf in clf.named_buffers()}  # training mode moves them all
         hooks = [_Perturb(b) for b in bns]
         masks = nn.ParameterList([k.mask for k in hooks])  # what the loop checkpoints
         noise = [p for k in hooks for p in (k.delta, k.xi)]
@@ -138,21 +142,23 @@ class ANP(Defense):
             clf.train()  # batch statistics, as in the official code
             idx = torch.randint(len(images), (batch,), generator=at.generator)  # drawn with replacement
             x = light_augment(images[idx].float().div(255), self.pad, self.hflip_p, at.generator)
-            for k in hooks:  # inner maximisation: one signed step of size ε from a random start
+            loss_adv = torch.zeros(())
+            if self.eps > 0:  # without a perturbation the official code drops the robust term
+                for k in hooks:  # inner maximisation: one signed step of size ε from a random start
+                    with torch.no_grad():
+                        k.delta.uniform_(-self.eps, self.eps, generator=at.generator)
+                        k.xi.uniform_(-self.eps, self.eps, generator=at.generator)
+                    k.perturb = True
+                grads = torch.autograd.grad(F.cross_entropy(clf(x), y[idx]), noise)
                 with torch.no_grad():
-                    k.delta.uniform_(-self.eps, self.eps, generator=at.generator)
-                    k.xi.uniform_(-self.eps, self.eps, generator=at.generator)
-                k.perturb = True
-            grads = torch.autograd.grad(F.cross_entropy(clf(x), y[idx]), noise)
-            with torch.no_grad():
-                for p, grad in zip(noise, grads):
-                    p.add_(self.eps * grad.sign())
-            loss_adv = F.cross_entropy(clf(x), y[idx])
-            for k in hooks:
-                k.perturb = False
+                    for p, grad in zip(noise, grads):
+                        p.add_(self.eps * grad.sign())
+                loss_adv = F.cross_entropy(clf(x), y[idx])
+                for k in hooks:
+                    k.perturb = False
             loss_nat = F.cross_entropy(clf(x), y[idx])
             loss = self.alpha * loss_nat + (1 - self.alpha) * loss_adv
-            return loss, {"natural": float(loss_nat), "perturbed": float(loss_adv)}
+            return loss, {"natural": loss_nat.item(), "perturbed": loss_adv.item()}
 
         def clip(_step: int, _total: int) -> None:
             with torch.no_grad():
@@ -172,7 +178,6 @@ class ANP(Defense):
             for k in hooks:
                 k.handle.remove()
             with torch.no_grad():
-                for b, saved in zip(bns, stats):
-                    for name, buf in b.named_buffers():
-                        buf.copy_(saved[name])
+                for name, buf in clf.named_buffers():
+                    buf.copy_(stats[name])
         return [m.detach() for m in masks]
