@@ -23,7 +23,6 @@ training set; pruning zeroes the weight (γ) only, so a pruned neuron outputs it
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,7 @@ class ANP(Defense):
     """
 
     level = "classifier"
+    checkpoints = True
     needs = "1% clean labelled images of the downstream training set"
 
     def __init__(self, layers: str | None = None, eps: float = 0.4, alpha: float = 0.2, steps: int = 2000,
@@ -107,9 +107,7 @@ class ANP(Defense):
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
         clean = data.clean_set("ANP")
-        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
-            with tempfile.TemporaryDirectory() as tmp:
-                return self.defend(clf, data, Path(tmp), False)
+        assert out is not None  # Defense.__call__ gives a checkpointing defense a directory
         count = min(len(clean), max(1, round(self.data_fraction * len(data.train))))
         clean = take_subset(clean, None, count, False, self.seed)
         bns = _neurons(clf, self.layers)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -46,11 +47,14 @@ class Defense(ABC):
         level: ``encoder`` or ``classifier`` (which contract, see the module docstring).
         uses_clean: whether it needs clean data (``False``: data-free, or only the poisoned training set).
         needs: one line on the data the method needs, shown by ``encoder-guard defend --help``.
+        checkpoints: whether :meth:`defend` writes checkpoints under ``out`` (then it always gets a directory: a
+            library call without one runs in a temporary directory, from the start).
     """
 
     level: ClassVar[str] = "encoder"
     uses_clean: ClassVar[bool] = True
     needs: ClassVar[str] = "5% clean unlabelled images"
+    checkpoints: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, device: str = "cpu") -> None:
         self.seed, self.device = seed, device
@@ -62,8 +66,10 @@ class Defense(ABC):
         model = copy.deepcopy(model).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(self.seed)
+            if out is None and self.checkpoints:  # checkpoints need a place; this one goes with the call
+                out, resume = tmp, False
             defended, report = self.defend(model, data, Path(out) if out is not None else None, resume)
         defended.eval()
         for p in defended.parameters():

@@ -21,7 +21,6 @@ horizontal flips on CIFAR-10 only). The layer's bias is neither in the distance 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ class D3(Defense):
     """
 
     level = "classifier"
+    checkpoints = True
     needs = "5% clean labelled images of the downstream training set"
 
     def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
@@ -75,9 +75,7 @@ class D3(Defense):
     def defend(self, clf: Classifier, data: DownstreamData, out: Path | None,
                resume: bool) -> tuple[Classifier, dict[str, Any]]:
         clean = data.clean_set("D3")
-        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
-            with tempfile.TemporaryDirectory() as tmp:
-                return self.defend(clf, data, Path(tmp), False)
+        assert out is not None  # Defense.__call__ gives a checkpointing defense a directory
         weight = clf.head.linear.weight
         initial = weight.detach().clone()
         radius = initial.norm()

@@ -49,7 +49,6 @@ student is back in the default layout, which is what checkpoints store.
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -389,6 +388,7 @@ class Distillation(Defense):
     """
 
     needs = "5% clean unlabelled images"
+    checkpoints = True
     mi_defaults: ClassVar[dict[str, Any]] = {"estimator": "mine", "samples": 2000, "pool": 2, "steps": 500}
     augment_defaults: ClassVar[dict[str, Any]] = {"crop_scale": [0.2, 1.0], "hflip_p": 0.5, "jitter_p": 0.8,
                                                   "brightness": 0.4, "contrast": 0.4, "saturation": 0.0,
@@ -457,9 +457,7 @@ class Distillation(Defense):
                resume: bool) -> tuple[nn.Module, dict[str, Any]]:
         if data.clean is None:
             raise ValueError("distillation needs clean images")
-        if out is None:  # checkpoints need a place; a library call without a run directory gets a temporary one
-            with tempfile.TemporaryDirectory() as tmp:
-                return self.defend(encoder, data, Path(tmp), False)
+        assert out is not None  # Defense.__call__ gives a checkpointing defense a directory
         log = get_logger()
         report: dict[str, Any] = {}
         teacher = encoder
